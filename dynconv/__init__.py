@@ -1,0 +1,32 @@
+"""dynconv: dynamic convolutions (CondConv, DyConv, DyNet) on one shared core.
+
+Runtime package: imports torch only, so a converted model needs nothing else to run.
+"""
+
+from . import functional
+from .experts import upcycle
+from .functional import STRATEGIES, dynamic_conv2d, strategy_scope
+from .inspection import capture_routing, dynamic_layers
+from .layers import LAYERS, CondConv2d, DyConv2d, DynamicConv2d, DyNetConv2d, layer_class
+from .temperature import TemperatureSchedule, set_temperature
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LAYERS",
+    "STRATEGIES",
+    "CondConv2d",
+    "DyConv2d",
+    "DyNetConv2d",
+    "DynamicConv2d",
+    "TemperatureSchedule",
+    "__version__",
+    "capture_routing",
+    "dynamic_conv2d",
+    "dynamic_layers",
+    "functional",
+    "layer_class",
+    "set_temperature",
+    "strategy_scope",
+    "upcycle",
+]

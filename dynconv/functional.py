@@ -1,0 +1,105 @@
+"""``dynamic_conv2d``: the one core every dynamic layer calls.
+
+Per-sample kernels are mixed from ``K`` experts by a routing tensor and applied to
+each sample; the strategy that does it is picked per call (see
+:mod:`dynconv.strategies`) or forced with ``strategy=``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import strategies
+from .geometry import ConvGeometry, IntPair, Padding
+from .strategies import STRATEGIES, applicable, strategy_scope
+
+__all__ = ["STRATEGIES", "dynamic_conv2d", "select_strategy", "strategy_scope"]
+
+
+def _check_shapes(input: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, groups: int) -> None:
+    """Raise a ``ValueError`` naming the first dimension that does not fit."""
+    if input.dim() != 4:
+        raise ValueError(f"input must be 4-D [B, C_in, H, W], got {input.dim()}-D shape {tuple(input.shape)}")
+    if weight.dim() != 5:
+        raise ValueError(
+            f"weight must be 5-D [K, C_out, C_in/groups, kH, kW], got {weight.dim()}-D shape {tuple(weight.shape)}"
+        )
+    batch, c_in = input.shape[:2]
+    experts, c_out, c_in_g = weight.shape[:3]
+    if c_in_g * groups != c_in:
+        raise ValueError(
+            f"input channels (dim 1 of input) is {c_in} but weight expects C_in/groups={c_in_g} x groups={groups}"
+            f" = {c_in_g * groups}"
+        )
+    if c_out % groups:
+        raise ValueError(f"output channels (dim 1 of weight) {c_out} is not divisible by groups={groups}")
+    if routing.dim() not in (2, 3):
+        raise ValueError(f"routing must be [B, K] or [B, K, C_out], got shape {tuple(routing.shape)}")
+    if routing.shape[0] != batch:
+        raise ValueError(f"routing batch (dim 0) is {routing.shape[0]} but input batch is {batch}")
+    if routing.shape[1] != experts:
+        raise ValueError(f"routing experts (dim 1) is {routing.shape[1]} but weight has K={experts} experts")
+    if routing.dim() == 3 and routing.shape[2] != c_out:
+        raise ValueError(f"routing channels (dim 2) is {routing.shape[2]} but weight has C_out={c_out}")
+    if bias is not None and tuple(bias.shape) != (experts, c_out):
+        raise ValueError(f"bias must be [K, C_out] = [{experts}, {c_out}], got shape {tuple(bias.shape)}")
+
+
+def _check_dtypes(input: Tensor, weight: Tensor) -> None:
+    if input.dtype != weight.dtype and not torch.is_autocast_enabled(input.device.type):
+        raise ValueError(
+            f"input dtype {input.dtype} differs from weight dtype {weight.dtype}; cast one or use torch.autocast"
+        )
+
+
+def select_strategy(
+    input: Tensor,
+    weight: Tensor,
+    geom: ConvGeometry,
+    needs_grad: bool,
+) -> str:
+    """The strategy the core would run for this call (honours :func:`strategy_scope`)."""
+    batch, c_in, height, width = input.shape
+    out_hw = geom.output_size(height, width)
+    return strategies.choose(batch, c_in, weight.shape[1], out_hw, geom, weight.shape[0], needs_grad)
+
+
+def dynamic_conv2d(
+    input: Tensor,
+    weight: Tensor,
+    routing: Tensor,
+    bias: Tensor | None = None,
+    stride: IntPair = 1,
+    padding: Padding = 0,
+    dilation: IntPair = 1,
+    groups: int = 1,
+    *,
+    strategy: str | None = None,
+) -> Tensor:
+    """Convolve each sample with its own kernel ``sum_k routing[b, k] * weight[k]``.
+
+    Equal (to float tolerance, values and gradients) to the per-sample loop
+    ``y[b] = F.conv2d(x[b:b+1], sum_k r[b,k] W[k], sum_k r[b,k] bias[k], ...)``;
+    per-output-channel routing ``[B, K, C_out]`` mixes each output channel on its own.
+    ``strategy`` forces one of :data:`STRATEGIES` (``None`` picks by shape); a
+    channels_last input gives a channels_last output.
+    """
+    _check_shapes(input, weight, routing, bias, groups)
+    _check_dtypes(input, weight)
+    geom = ConvGeometry.build(tuple(weight.shape[3:]), stride, padding, dilation, groups)
+    geom.output_size(input.shape[2], input.shape[3])  # raises on inputs smaller than the kernel
+    tensors = (input, weight, routing) if bias is None else (input, weight, routing, bias)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if strategy is None:
+        strategy = select_strategy(input, weight, geom, needs_grad)
+    elif strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
+    elif not applicable(strategy, input.shape[0], geom):
+        raise ValueError(f"strategy {strategy!r} cannot compute a {geom.kernel} conv at batch {input.shape[0]}")
+    if not torch.is_autocast_enabled(input.device.type):
+        routing = routing.to(weight.dtype)
+    out = STRATEGIES[strategy](input, weight, routing, bias, geom)
+    if strategies._is_channels_last(input):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()

@@ -1,0 +1,194 @@
+"""What every dynamic convolution shares: ``nn.Conv2d``'s arguments, experts, the core call.
+
+A subclass only says how it routes (``_build_router``). Attributes mirror
+``nn.Conv2d`` (``in_channels``, ``kernel_size``, ``padding_mode`` ...) so code that
+inspects convolutions keeps working; ``weight`` is ``[K, C_out, C_in/groups, kH, kW]``
+and ``bias`` is ``[K, C_out]``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..experts import DEFAULT_NOISE, upcycle
+from ..functional import STRATEGIES, dynamic_conv2d
+from ..geometry import ConvGeometry, IntPair, Padding, as_pair
+
+PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+class DynamicConv2d(nn.Module):
+    """Base class: a ``Conv2d`` whose kernel is mixed per sample from ``experts`` kernels."""
+
+    kind: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: IntPair,
+        stride: IntPair = 1,
+        padding: Padding = 0,
+        dilation: IntPair = 1,
+        groups: int = 1,
+        bias: bool = True,
+        padding_mode: str = "zeros",
+        *,
+        experts: int = 4,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        **router_options: Any,
+    ) -> None:
+        super().__init__()
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(
+                f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by groups ({groups})"
+            )
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        if not isinstance(experts, int) or experts < 1:
+            raise ValueError(f"experts must be a positive int, got {experts!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = as_pair(kernel_size, "kernel_size")
+        self.stride = as_pair(stride, "stride")
+        self.padding = padding if isinstance(padding, str) else as_pair(padding, "padding")
+        self.dilation = as_pair(dilation, "dilation")
+        self.groups = groups
+        self.padding_mode = padding_mode
+        self.experts = experts
+        # Validates padding/stride combinations ('same' with stride > 1) once, up front.
+        self._geometry = ConvGeometry.build(self.kernel_size, self.stride, self.padding, self.dilation, groups)
+        factory = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(
+            torch.empty(experts, out_channels, in_channels // groups, *self.kernel_size, **factory)
+        )
+        self.bias = nn.Parameter(torch.empty(experts, out_channels, **factory)) if bias else None
+        self.router = self._build_router(**router_options).to(**factory)
+        self._strategy: str | None = None
+        #: When True, ``last_routing`` keeps a detached copy of the latest routing weights.
+        self.capture_routing = False
+        self.last_routing: Tensor | None = None
+        self.reset_parameters()
+
+    def _build_router(self, **options: Any) -> nn.Module:
+        raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """Independent ``nn.Conv2d``-style initialisation of every expert (training from scratch)."""
+        for k in range(self.experts):
+            nn.init.kaiming_uniform_(self.weight[k], a=math.sqrt(5))
+        if self.bias is not None:
+            fan_in = self.weight[0].numel() // self.out_channels
+            bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        experts: int = 4,
+        *,
+        noise: float = DEFAULT_NOISE,
+        seed: int = 0,
+        **router_options: Any,
+    ) -> DynamicConv2d:
+        """Build a layer that computes exactly what ``conv`` computes, now, for any input.
+
+        The router starts zeroed, so its weights are the same for every input
+        (uniform); the experts are ``scale * (W + eps_k)`` with zero-sum noise, and
+        ``scale = 1 / (sum of the uniform routing weights)``: 1 for the softmax kinds,
+        ``2 / K`` for CondConv's sigmoid, whose zeroed router gives 1/2 per expert.
+        The mixed kernel is then exactly ``W`` while the experts differ, so training
+        separates them from the original model's accuracy rather than from scratch.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
+        with torch.random.fork_rng(devices=[]):  # seeded router init, global RNG untouched
+            torch.manual_seed(seed)
+            layer = cls(
+                conv.in_channels,
+                conv.out_channels,
+                conv.kernel_size,
+                stride=conv.stride,
+                padding=conv.padding,
+                dilation=conv.dilation,
+                groups=conv.groups,
+                bias=conv.bias is not None,
+                padding_mode=conv.padding_mode,
+                experts=experts,
+                device=conv.weight.device,
+                dtype=conv.weight.dtype,
+                **router_options,
+            )
+        layer.router.zero_()
+        scale = 1.0 / layer.router.uniform_total()
+        weight, bias = upcycle(conv.weight, conv.bias, experts, scale=scale, noise=noise, seed=seed)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        layer.train(conv.training)
+        return layer
+
+    def route(self, x: Tensor) -> Tensor:
+        """Routing weights for ``x``: ``[B, K]``, or ``[B, K, C_out]`` per output channel."""
+        return self.router(x)
+
+    def _pad_input(self, x: Tensor) -> tuple[Tensor, Padding]:
+        """Apply a non-zero ``padding_mode`` by hand, as ``nn.Conv2d`` does."""
+        if self.padding_mode == "zeros":
+            return x, self.padding
+        return F.pad(x, self._geometry.pad, mode=self.padding_mode), 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        routing = self.route(x)
+        if self.capture_routing:
+            self.last_routing = routing.detach()
+        x, padding = self._pad_input(x)
+        return dynamic_conv2d(
+            x,
+            self.weight,
+            routing,
+            self.bias,
+            self.stride,
+            padding,
+            self.dilation,
+            self.groups,
+            strategy=self.strategy,
+        )
+
+    def extra_repr(self) -> str:
+        text = (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}"
+            f", experts={self.experts}"
+        )
+        if self.padding != (0, 0):
+            text += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        if self.groups != 1:
+            text += f", groups={self.groups}"
+        if self.bias is None:
+            text += ", bias=False"
+        if self.padding_mode != "zeros":
+            text += f", padding_mode={self.padding_mode!r}"
+        if self.strategy is not None:
+            text += f", strategy={self.strategy!r}"
+        return text
+
+    @property
+    def strategy(self) -> str | None:
+        """The core strategy this layer forces, or ``None`` to choose per call by shape."""
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, value: str | None) -> None:
+        if value is not None and value not in STRATEGIES:
+            raise ValueError(f"unknown strategy {value!r}; choose from {sorted(STRATEGIES)}")
+        self._strategy = value

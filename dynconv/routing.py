@@ -1,0 +1,109 @@
+"""Routing functions: from an input batch to per-sample expert weights.
+
+Each router pools the input globally (``mean`` over H and W, which works for any
+memory format and any batch size, so no BatchNorm and no ``.view`` on the input)
+and maps the pooled features to routing weights. ``zero_()`` makes a router output
+the same weights for every input, which is how a converted layer starts out
+computing exactly what the original convolution did.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def global_pool(x: Tensor) -> Tensor:
+    """``[B, C, H, W] -> [B, C]`` average, memory-format agnostic."""
+    return x.mean(dim=(2, 3))
+
+
+class SigmoidRouter(nn.Module):
+    """CondConv routing: ``sigmoid(linear(dropout(GAP(x))))``, one weight per expert in (0, 1).
+
+    Dropout acts on the pooled features that feed the router (CondConv's routing
+    dropout); with a zeroed router it cannot change the output, so a freshly
+    converted model computes the same function in train mode too.
+    """
+
+    def __init__(self, in_channels: int, experts: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"routing dropout must be in [0, 1), got {dropout}")
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(in_channels, experts)
+
+    #: Sum of the routing weights when the router is zeroed: sigmoid(0) = 1/2 per expert.
+    def uniform_total(self) -> float:
+        return 0.5 * self.fc.out_features
+
+    def zero_(self) -> SigmoidRouter:
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.fc(self.dropout(global_pool(x))))
+
+
+class SoftmaxRouter(nn.Module):
+    """DyConv attention: ``softmax(fc2(relu(fc1(GAP(x)))) / T)`` over the experts.
+
+    ``fc1`` reduces the channels by ``reduction`` (at least ``min_hidden`` wide).
+    The temperature is a buffer, so annealing it never recompiles a compiled model
+    and a saved model keeps the value it was trained with.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        experts: int,
+        reduction: int = 4,
+        min_hidden: int = 16,
+        temperature: float = 30.0,
+    ) -> None:
+        super().__init__()
+        if reduction < 1:
+            raise ValueError(f"reduction must be >= 1, got {reduction}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        hidden = max(in_channels // reduction, min_hidden)
+        self.fc1 = nn.Linear(in_channels, hidden)
+        self.fc2 = nn.Linear(hidden, experts)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def uniform_total(self) -> float:
+        return 1.0
+
+    def zero_(self) -> SoftmaxRouter:
+        """Zero the output layer only: ``fc1`` keeps random features so ``fc2`` gets gradients."""
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.fc2(F.relu(self.fc1(global_pool(x))))
+        return torch.softmax(logits / self.temperature.to(logits.dtype), dim=1)
+
+
+class ChannelRouter(nn.Module):
+    """DyNet coefficients: ``linear(GAP(x))`` as ``[B, K, C_out]``, softmax over the experts."""
+
+    def __init__(self, in_channels: int, out_channels: int, experts: int) -> None:
+        super().__init__()
+        self.experts = experts
+        self.out_channels = out_channels
+        self.fc = nn.Linear(in_channels, experts * out_channels)
+
+    def uniform_total(self) -> float:
+        return 1.0
+
+    def zero_(self) -> ChannelRouter:
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        logits = self.fc(global_pool(x)).unflatten(1, (self.experts, self.out_channels))
+        return torch.softmax(logits, dim=1)

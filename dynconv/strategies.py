@@ -1,0 +1,295 @@
+"""The ways to compute a batch of per-sample convolutions, and how one is chosen.
+
+Every strategy computes ``y[b] = conv(x[b], sum_k r[b,k] W[k]) + sum_k r[b,k] bias[k]``
+(per output channel when routing is ``[B, K, C_out]``). They differ only in speed,
+memory and exportability, which is why the core picks one per call:
+
+- ``single``:  batch of one, a plain convolution with the mixed kernel.
+- ``loop``:    one convolution per sample.
+- ``grouped``: the batch folded into the groups of one convolution (timm's trick);
+               as fast as a static conv on large maps, its ``groups`` bakes in the batch.
+- ``matmul``:  1x1 kernels as a batched matrix product, no unfolding needed.
+- ``unfold``:  im2col + batched matrix product for any kernel.
+- ``output``:  one static conv with all ``K * C_out`` filters, then the outputs mixed;
+               ``K`` times the MACs but no per-sample kernels, and exportable.
+
+Inputs reach a strategy validated: ``x`` is ``[B, C_in, H, W]``, ``weight`` is
+``[K, C_out, C_in // groups, kH, kW]``, ``routing`` is ``[B, K]`` or
+``[B, K, C_out]`` in the weight's dtype, ``bias`` is ``None`` or ``[K, C_out]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .geometry import ConvGeometry
+
+StrategyFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", ConvGeometry], Tensor]
+
+
+def mix_kernels(weight: Tensor, routing: Tensor) -> Tensor:
+    """Per-sample kernels ``[B, C_out, C_in/g, kH, kW]`` from ``K`` experts."""
+    k, c_out = weight.shape[:2]
+    if routing.dim() == 2:
+        mixed = routing @ weight.reshape(k, -1)
+    else:
+        mixed = torch.einsum("bko,kon->bon", routing, weight.reshape(k, c_out, -1))
+    return mixed.reshape(routing.shape[0], *weight.shape[1:])
+
+
+def mix_bias(bias: Tensor | None, routing: Tensor) -> Tensor | None:
+    """Per-sample bias ``[B, C_out]`` mixed with the same routing as the kernels."""
+    if bias is None:
+        return None
+    if routing.dim() == 2:
+        return routing @ bias
+    return (routing * bias.unsqueeze(0)).sum(1)
+
+
+def _add_bias(out: Tensor, biases: Tensor | None) -> Tensor:
+    """Add a per-sample bias ``[B, C_out]`` in the output's dtype (autocast may differ)."""
+    return out if biases is None else out + biases.to(out.dtype)[:, :, None, None]
+
+
+def _pad(x: Tensor, geom: ConvGeometry) -> Tensor:
+    return F.pad(x, geom.pad) if any(geom.pad) else x
+
+
+def _conv(x: Tensor, w: Tensor, b: Tensor | None, geom: ConvGeometry, groups: int) -> Tensor:
+    """``F.conv2d`` with the geometry's padding, padding explicitly only when asymmetric."""
+    if geom.symmetric:
+        return F.conv2d(x, w, b, geom.stride, geom.conv_padding, geom.dilation, groups)
+    return F.conv2d(_pad(x, geom), w, b, geom.stride, 0, geom.dilation, groups)
+
+
+def single(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+    """Batch of one: mix the kernel once and run one ordinary convolution."""
+    mixed_b = mix_bias(bias, routing)
+    return _conv(x, mix_kernels(weight, routing)[0], None if mixed_b is None else mixed_b[0], geom, geom.groups)
+
+
+def loop(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+    """One convolution per sample: the reference-shaped strategy, moderate on small maps."""
+    kernels = mix_kernels(weight, routing)
+    biases = mix_bias(bias, routing)
+    outs = [
+        _conv(x[b : b + 1], kernels[b], None if biases is None else biases[b], geom, geom.groups)
+        for b in range(x.shape[0])
+    ]
+    return torch.cat(outs, 0)
+
+
+def fold_chunk(batch: int, kernel_bytes: int, needs_grad: bool) -> int:
+    """Samples folded into one grouped conv: enough for weight reuse, few enough that the
+    mixed kernels (``chunk * kernel_bytes``) stay cache-sized instead of streaming memory."""
+    cap = FOLD_MAX_CHUNK_GRAD if needs_grad else FOLD_MAX_CHUNK
+    return max(1, min(batch, cap, FOLD_BUDGET_BYTES // max(kernel_bytes, 1)))
+
+
+# Measured on the 2-core CPU (benchmarks/core.py): mixing all B kernels at once
+# streams B * |W| bytes through memory (302 MB for ResNet-18 layer4 at batch 32) and
+# costs more than the convolution; chunks of about 20 MB stay in cache.
+FOLD_BUDGET_BYTES = 20 * 2**20
+FOLD_MAX_CHUNK = 8
+FOLD_MAX_CHUNK_GRAD = 16
+
+
+def grouped(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+    """Fold chunks of the batch into the groups of one convolution (``groups = chunk * groups``)."""
+    batch, c_in, height, width = x.shape
+    c_out = weight.shape[1]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, routing, bias))
+    chunk = fold_chunk(batch, weight[0].numel() * weight.element_size(), needs_grad)
+    outs = []
+    for start in range(0, batch, chunk):
+        r = routing[start : start + chunk]
+        n = r.shape[0]
+        kernels = mix_kernels(weight, r)
+        biases = mix_bias(bias, r)
+        out = _conv(
+            x[start : start + n].reshape(1, n * c_in, height, width),
+            kernels.reshape(n * c_out, *kernels.shape[2:]),
+            None if biases is None else biases.reshape(-1),
+            geom,
+            n * geom.groups,
+        )
+        outs.append(out.reshape(n, c_out, out.shape[-2], out.shape[-1]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+
+
+def matmul(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+    """1x1 kernels as batched matrix products; channels_last inputs stay channels_last."""
+    if not geom.pointwise:
+        raise ValueError(f"strategy 'matmul' needs a 1x1 kernel, got {geom.kernel}")
+    x = _pad(x, geom)
+    if geom.stride != (1, 1):
+        x = x[:, :, :: geom.stride[0], :: geom.stride[1]]
+    batch, c_in, height, width = x.shape
+    kernels = mix_kernels(weight, routing).flatten(2)  # [B, C_out, C_in/g]
+    c_out = kernels.shape[1]
+    biases = mix_bias(bias, routing)
+    g = geom.groups
+    if g == 1 and _is_channels_last(x):
+        pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, c_in)
+        kt = kernels.transpose(1, 2)
+        out = pixels @ kt if biases is None else torch.baddbmm(biases.unsqueeze(1), pixels, kt)
+        return out.reshape(batch, height, width, c_out).permute(0, 3, 1, 2)
+    if g == 1:
+        cols = x.reshape(batch, c_in, height * width)
+        out = kernels @ cols if biases is None else torch.baddbmm(biases.unsqueeze(2), kernels, cols)
+        return out.reshape(batch, c_out, height, width)
+    cols = x.reshape(batch, g, c_in // g, height * width)
+    out = kernels.reshape(batch, g, c_out // g, c_in // g) @ cols
+    return _add_bias(out.reshape(batch, c_out, height, width), biases)
+
+
+def unfold(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+    """im2col (``F.unfold``) then a batched matrix product with the per-sample kernels."""
+    x = _pad(x, geom)
+    batch = x.shape[0]
+    h_out, w_out = _unpadded_out(x, geom)
+    cols = F.unfold(x, geom.kernel, dilation=geom.dilation, stride=geom.stride)  # [B, C_in*kk, L]
+    kernels = mix_kernels(weight, routing).flatten(2)  # [B, C_out, C_in/g*kk]
+    c_out = kernels.shape[1]
+    biases = mix_bias(bias, routing)
+    g = geom.groups
+    if g == 1:
+        out = kernels @ cols if biases is None else torch.baddbmm(biases.unsqueeze(2), kernels, cols)
+        return out.reshape(batch, c_out, h_out, w_out)
+    cols = cols.reshape(batch, g, cols.shape[1] // g, cols.shape[2])
+    out = (kernels.reshape(batch, g, c_out // g, kernels.shape[2]) @ cols).reshape(batch, c_out, h_out, w_out)
+    return _add_bias(out, biases)
+
+
+def _unpadded_out(x: Tensor, geom: ConvGeometry) -> tuple[int, int]:
+    """Output size of ``x`` that has already been padded."""
+    unpadded = ConvGeometry(geom.kernel, geom.stride, geom.dilation, (0, 0, 0, 0), geom.groups)
+    return unpadded.output_size(x.shape[2], x.shape[3])
+
+
+def output(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+    """All ``K * C_out`` filters in one static conv, then outputs mixed by the routing."""
+    k, c_out = weight.shape[:2]
+    g = geom.groups
+    # Reorder so each group's K * C_out/g filters are contiguous, as grouped conv needs.
+    filters = weight.reshape(k, g, c_out // g, *weight.shape[2:]).transpose(0, 1).reshape(k * c_out, *weight.shape[2:])
+    y = _conv(x, filters, None, geom, g)
+    y = y.unflatten(1, (g, k, c_out // g))  # [B, g, K, C_out/g, H', W']
+    batch = x.shape[0]
+    if routing.dim() == 2:
+        r = routing.reshape(batch, 1, k, 1, 1, 1)
+    else:
+        r = routing.reshape(batch, k, g, c_out // g).transpose(1, 2).unsqueeze(-1).unsqueeze(-1)
+    out = (y * r.to(y.dtype)).sum(2).flatten(1, 2)
+    return _add_bias(out, mix_bias(bias, routing))
+
+
+def _is_channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+STRATEGIES: dict[str, StrategyFn] = {
+    "single": single,
+    "loop": loop,
+    "grouped": grouped,
+    "matmul": matmul,
+    "unfold": unfold,
+    "output": output,
+}
+
+
+def applicable(name: str, batch: int, geom: ConvGeometry) -> bool:
+    """Whether strategy ``name`` can compute this call at all."""
+    if name == "single":
+        return batch == 1
+    if name == "matmul":
+        return geom.pointwise
+    return name in STRATEGIES
+
+
+_scope = threading.local()
+
+
+@contextlib.contextmanager
+def strategy_scope(*names: str) -> Iterator[None]:
+    """Restrict automatic selection to ``names`` inside the block (e.g. for ONNX export).
+
+    ``with strategy_scope("matmul", "unfold", "single"):`` keeps the batch out of conv
+    groups for every dynamic layer called in the block. Nested scopes replace the outer one.
+    """
+    unknown = [n for n in names if n not in STRATEGIES]
+    if unknown or not names:
+        raise ValueError(f"unknown strategy {unknown or names!r}; choose from {sorted(STRATEGIES)}")
+    previous = getattr(_scope, "allowed", None)
+    _scope.allowed = tuple(names)
+    try:
+        yield
+    finally:
+        _scope.allowed = previous
+
+
+def allowed_strategies() -> tuple[str, ...] | None:
+    """The strategies the current :func:`strategy_scope` allows, or ``None`` for all."""
+    return getattr(_scope, "allowed", None)
+
+
+def preference(
+    batch: int,
+    c_in: int,
+    c_out: int,
+    out_hw: tuple[int, int],
+    geom: ConvGeometry,
+    experts: int,
+    needs_grad: bool,
+) -> tuple[str, ...]:
+    """Strategies in the order this machine's measurements favour for the call's shape.
+
+    The order comes from ``benchmarks/core.py`` (2-thread CPU, see
+    ``benchmarks/results/core.md``): 1x1 kernels are fastest as a batched matmul,
+    even at batch 1; other kernels at batch 1 as one plain conv; otherwise chunks of
+    the batch folded into conv groups, except training on very small maps, where
+    im2col + batched matmul wins.
+    """
+    pixels = out_hw[0] * out_hw[1]
+    per_group_in = c_in // geom.groups
+    if geom.pointwise and per_group_in > 1:
+        return ("matmul", "single", "grouped", "unfold", "loop", "output")
+    if batch == 1:
+        return ("single", "grouped", "loop", "unfold", "output")
+    if per_group_in == 1:
+        return ("grouped", "loop", "output", "unfold")
+    if needs_grad and pixels <= SMALL_MAP_PIXELS:
+        return ("unfold", "grouped", "loop", "output")
+    return ("grouped", "unfold", "loop", "output")
+
+
+# Training on maps this small (ResNet-18 layer4, 7x7) is fastest as im2col + bmm,
+# whose weight gradient is one batched matmul instead of B small ones.
+SMALL_MAP_PIXELS = 8 * 8
+
+
+def choose(
+    batch: int,
+    c_in: int,
+    c_out: int,
+    out_hw: tuple[int, int],
+    geom: ConvGeometry,
+    experts: int,
+    needs_grad: bool,
+) -> str:
+    """The strategy to run: the first preferred one the active scope allows."""
+    allowed = allowed_strategies()
+    for name in preference(batch, c_in, c_out, out_hw, geom, experts, needs_grad):
+        if (allowed is None or name in allowed) and applicable(name, batch, geom):
+            return name
+    if allowed is not None:
+        for name in allowed:
+            if applicable(name, batch, geom):
+                return name
+    raise ValueError(f"no strategy in {allowed!r} can compute a {geom.kernel} conv at batch {batch}")

@@ -1,0 +1,15 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_threads():
+    """Every test starts from the same RNG state; two threads, as on the CI machine."""
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    yield
