@@ -1,6 +1,36 @@
-"""convert: the model-surgery side of dynconv (graph walking, selection, checkpoints, CLI).
+"""convert: the model-surgery side of dynconv.
 
-The converter API lands with the converter issue; this package already carries the CLI.
+Walks a model, turns the chosen ``nn.Conv2d`` layers into dynamic convolutions built
+from their weights (same function right after conversion), and saves/loads
+checkpoints that rebuild without pickle.
 """
 
-__all__: list[str] = []
+from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from .converter import ConversionResult, LayerRecord, SelectionError, SkipRecord, convert_model
+from .graph import ProbeError
+from .models import BaseModel, ModelNotFoundError, build_model, list_models
+from .recipe import Recipe, RecipeError, load_recipe
+from .weights import WeightsError, load_weights, read_state_dict
+
+__all__ = [
+    "BaseModel",
+    "CheckpointError",
+    "ConversionResult",
+    "LayerRecord",
+    "ModelNotFoundError",
+    "ProbeError",
+    "Recipe",
+    "RecipeError",
+    "SelectionError",
+    "SkipRecord",
+    "WeightsError",
+    "build_model",
+    "convert_model",
+    "list_models",
+    "load_checkpoint",
+    "load_recipe",
+    "load_weights",
+    "read_metadata",
+    "read_state_dict",
+    "save_checkpoint",
+]

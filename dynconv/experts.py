@@ -16,9 +16,9 @@ DEFAULT_NOISE = 0.01
 
 
 def zero_sum_noise(shape: tuple[int, ...], experts: int, seed: int) -> Tensor:
-    """Standard-normal noise ``[experts, *shape]`` in float64, centred across experts."""
+    """Standard-normal noise ``[experts, *shape]`` (drawn in float32), centred across experts in float64."""
     gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn((experts, *shape), generator=gen, dtype=torch.float64)
+    noise = torch.randn((experts, *shape), generator=gen, dtype=torch.float32).double()
     return noise - noise.mean(dim=0, keepdim=True)
 
 
@@ -41,9 +41,11 @@ def upcycle(
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise}")
     w64 = weight.detach().to("cpu", torch.float64)
-    rms = w64.pow(2).mean().sqrt().item()
-    eps = zero_sum_noise(tuple(w64.shape), experts, seed) * (noise * (rms if rms > 0 else 1e-3))
-    stacked = (scale * (w64.unsqueeze(0) + eps)).to(weight.device, weight.dtype)
+    stacked = w64.unsqueeze(0).expand(experts, *w64.shape)
+    if noise > 0 and experts > 1:
+        rms = w64.pow(2).mean().sqrt().item()
+        stacked = stacked + zero_sum_noise(tuple(w64.shape), experts, seed) * (noise * (rms if rms > 0 else 1e-3))
+    stacked = (scale * stacked).to(weight.device, weight.dtype)
     stacked_bias = None
     if bias is not None:
         b64 = bias.detach().to("cpu", torch.float64)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TypeAlias
 
+import torch
+
 IntPair: TypeAlias = int | tuple[int, int]
 Padding: TypeAlias = int | tuple[int, int] | str
 
@@ -116,3 +118,18 @@ class ConvGeometry:
                 )
             out.append(span // s + 1)
         return (out[0], out[1])
+
+
+def tf_same_padding(
+    size: tuple[int, int] | torch.Size,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> tuple[int, int, int, int]:
+    """TensorFlow 'SAME' padding for an input of ``size``: ``ceil(size / stride)`` outputs,
+    the extra pixel on the right/bottom (as timm's ``Conv2dSame``)."""
+    sides = []
+    for length, k, s, d in ((size[1], kernel[1], stride[1], dilation[1]), (size[0], kernel[0], stride[0], dilation[0])):
+        total = max((-(-int(length) // s) - 1) * s + (k - 1) * d + 1 - int(length), 0)
+        sides += [total // 2, total - total // 2]
+    return (sides[0], sides[1], sides[2], sides[3])

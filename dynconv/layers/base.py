@@ -8,6 +8,7 @@ and ``bias`` is ``[K, C_out]``.
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, ClassVar
 
@@ -17,9 +18,13 @@ from torch.nn import functional as F
 
 from ..experts import DEFAULT_NOISE, upcycle
 from ..functional import STRATEGIES, dynamic_conv2d
-from ..geometry import ConvGeometry, IntPair, Padding, as_pair
+from ..geometry import ConvGeometry, IntPair, Padding, as_pair, tf_same_padding
+from ..standardization import WeightStandardization, standardized_routing
+from ..strategies import mix_bias
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+#: TensorFlow's 'SAME' (timm ``Conv2dSame``): padding computed from each input's size.
+TF_SAME = "tf_same"
 
 
 class DynamicConv2d(nn.Module):
@@ -40,6 +45,7 @@ class DynamicConv2d(nn.Module):
         padding_mode: str = "zeros",
         *,
         experts: int = 4,
+        standardize: WeightStandardization | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         **router_options: Any,
@@ -63,12 +69,23 @@ class DynamicConv2d(nn.Module):
         self.padding_mode = padding_mode
         self.experts = experts
         # Validates padding/stride combinations ('same' with stride > 1) once, up front.
-        self._geometry = ConvGeometry.build(self.kernel_size, self.stride, self.padding, self.dilation, groups)
+        static_padding = 0 if padding == TF_SAME else self.padding
+        self._geometry = ConvGeometry.build(self.kernel_size, self.stride, static_padding, self.dilation, groups)
+        self.standardize = standardize
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(
             torch.empty(experts, out_channels, in_channels // groups, *self.kernel_size, **factory)
         )
         self.bias = nn.Parameter(torch.empty(experts, out_channels, **factory)) if bias else None
+        self.gain = (
+            nn.Parameter(torch.ones(out_channels, **factory))
+            if standardize is not None and standardize.learnable_gain
+            else None
+        )
+        bound = inspect.signature(self._build_router).bind(**router_options)
+        bound.apply_defaults()
+        #: The router options in force, defaults included (recorded in checkpoints).
+        self.router_options: dict[str, Any] = dict(bound.arguments)
         self.router = self._build_router(**router_options).to(**factory)
         self._strategy: str | None = None
         #: When True, ``last_routing`` keeps a detached copy of the latest routing weights.
@@ -78,6 +95,11 @@ class DynamicConv2d(nn.Module):
 
     def _build_router(self, **options: Any) -> nn.Module:
         raise NotImplementedError
+
+    @classmethod
+    def router_option_names(cls) -> tuple[str, ...]:
+        """The router options this kind accepts (``dropout``, ``temperature`` ...)."""
+        return tuple(inspect.signature(cls._build_router).parameters)[1:]
 
     def reset_parameters(self) -> None:
         """Independent ``nn.Conv2d``-style initialisation of every expert (training from scratch)."""
@@ -96,6 +118,8 @@ class DynamicConv2d(nn.Module):
         *,
         noise: float = DEFAULT_NOISE,
         seed: int = 0,
+        padding: Padding | None = None,
+        standardize: WeightStandardization | None = None,
         **router_options: Any,
     ) -> DynamicConv2d:
         """Build a layer that computes exactly what ``conv`` computes, now, for any input.
@@ -106,6 +130,10 @@ class DynamicConv2d(nn.Module):
         ``2 / K`` for CondConv's sigmoid, whose zeroed router gives 1/2 per expert.
         The mixed kernel is then exactly ``W`` while the experts differ, so training
         separates them from the original model's accuracy rather than from scratch.
+
+        ``padding`` overrides ``conv.padding`` (``"tf_same"`` for timm's ``Conv2dSame``);
+        ``standardize`` keeps a weight-standardised conv's standardisation (a ``gain``
+        attribute of ``conv`` is copied when the standardisation learns one).
         """
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"from_conv expects an nn.Conv2d, got {type(conv).__name__}")
@@ -116,12 +144,13 @@ class DynamicConv2d(nn.Module):
                 conv.out_channels,
                 conv.kernel_size,
                 stride=conv.stride,
-                padding=conv.padding,
+                padding=conv.padding if padding is None else padding,
                 dilation=conv.dilation,
                 groups=conv.groups,
                 bias=conv.bias is not None,
                 padding_mode=conv.padding_mode,
                 experts=experts,
+                standardize=standardize,
                 device=conv.weight.device,
                 dtype=conv.weight.dtype,
                 **router_options,
@@ -133,6 +162,8 @@ class DynamicConv2d(nn.Module):
             layer.weight.copy_(weight)
             if bias is not None:
                 layer.bias.copy_(bias)
+            if layer.gain is not None and getattr(conv, "gain", None) is not None:
+                layer.gain.copy_(conv.gain.detach().reshape(-1))
         layer.train(conv.training)
         return layer
 
@@ -141,27 +172,39 @@ class DynamicConv2d(nn.Module):
         return self.router(x)
 
     def _pad_input(self, x: Tensor) -> tuple[Tensor, Padding]:
-        """Apply a non-zero ``padding_mode`` by hand, as ``nn.Conv2d`` does."""
-        if self.padding_mode == "zeros":
+        """Pad by hand where ``F.conv2d`` cannot: non-zero ``padding_mode`` or TF 'same'."""
+        if self.padding == TF_SAME:
+            pad = tf_same_padding(x.shape[-2:], self.kernel_size, self.stride, self.dilation)
+        elif self.padding_mode != "zeros":
+            pad = self._geometry.pad
+        else:
             return x, self.padding
-        return F.pad(x, self._geometry.pad, mode=self.padding_mode), 0
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        return F.pad(x, pad, mode=mode), 0
 
     def forward(self, x: Tensor) -> Tensor:
         routing = self.route(x)
         if self.capture_routing:
             self.last_routing = routing.detach()
         x, padding = self._pad_input(x)
-        return dynamic_conv2d(
-            x,
-            self.weight,
-            routing,
-            self.bias,
-            self.stride,
-            padding,
-            self.dilation,
-            self.groups,
-            strategy=self.strategy,
+        conv_args = (self.stride, padding, self.dilation, self.groups)
+        if self.standardize is None:
+            return dynamic_conv2d(x, self.weight, routing, self.bias, *conv_args, strategy=self.strategy)
+        weight, std_routing = standardized_routing(
+            self.weight, routing, self.standardize.eps, self.standardize.scale, self.gain
         )
+        out = dynamic_conv2d(x, weight, std_routing, None, *conv_args, strategy=self.strategy)
+        bias = mix_bias(self.bias, routing)
+        return out if bias is None else out + bias.to(out.dtype)[:, :, None, None]
+
+    def layer_options(self) -> dict[str, Any]:
+        """Everything beyond ``nn.Conv2d``'s arguments needed to rebuild this layer (JSON-able)."""
+        options: dict[str, Any] = {"experts": self.experts, **self.router_options}
+        if self.padding == TF_SAME:
+            options["padding"] = TF_SAME
+        if self.standardize is not None:
+            options["standardize"] = self.standardize.to_dict()
+        return options
 
     def extra_repr(self) -> str:
         text = (
@@ -178,6 +221,8 @@ class DynamicConv2d(nn.Module):
             text += ", bias=False"
         if self.padding_mode != "zeros":
             text += f", padding_mode={self.padding_mode!r}"
+        if self.standardize is not None:
+            text += f", standardize={self.standardize}"
         if self.strategy is not None:
             text += f", strategy={self.strategy!r}"
         return text

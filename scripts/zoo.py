@@ -1,0 +1,297 @@
+"""Zoo sweep: convert every torchvision classifier and one model per timm family, each kind.
+
+Each model runs in its own subprocess with a time limit (one crash or hang cannot
+stop the sweep). Per kind it records: convs converted, max relative difference to
+the original (eval), whether two training steps train and separate the experts,
+whether the checkpoint round trip reproduces the outputs, and seconds. Results go
+to ``benchmarks/results/zoo.md``.
+
+    python scripts/zoo.py                       # the full sweep (about an hour on 2 cores)
+    python scripts/zoo.py --models torchvision:resnet18 timm:mixnet_s --out /tmp/zoo.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results" / "zoo.md"
+KINDS = ("condconv", "dyconv", "dynet")
+SMALL_HINTS = ("atto", "femto", "pico", "nano", "tiny", "small", "_s", "18", "b0", "mobile", "lite", "xxs", "t0")
+
+
+def smallest_per_timm_family() -> list[str]:
+    """One timm model per module (family): the one with the fewest parameters, built on 'meta'."""
+    import timm
+    import torch
+
+    chosen = []
+    for module in timm.list_modules():
+        names = timm.list_models(module=module)
+        if not names:
+            continue
+        hinted = sorted(names, key=lambda n: (not any(h in n for h in SMALL_HINTS), len(n), n))[:12]
+        best, best_params = None, None
+        for name in hinted:
+            try:
+                with torch.device("meta"):
+                    model = timm.create_model(name)
+                params = sum(p.numel() for p in model.parameters())
+            except Exception:  # some architectures cannot build on meta; skip them as candidates
+                continue
+            if best_params is None or params < best_params:
+                best, best_params = name, params
+        chosen.append(best or hinted[0])
+    return chosen
+
+
+def all_models() -> list[tuple[str, str]]:
+    import torchvision
+
+    tv = [("torchvision", n) for n in torchvision.models.list_models(module=torchvision.models)]
+    return tv + [("timm", n) for n in smallest_per_timm_family()]
+
+
+# ---------------------------------------------------------------- one model, in a subprocess
+
+
+def run_one(source: str, name: str, kinds: list[str], size: int) -> list[dict]:
+    """Convert ``name`` with each kind and check it; returns one row per kind."""
+    import tempfile
+
+    import torch
+
+    import convert
+    import dynconv
+    from convert.verify import compare, depends_on_input, output, signal_preserving_init
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    base = convert.build_model(name, source).eval()
+    shape = _workable_size(base, size)
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(1))
+    if not depends_on_input(output(base, x)):  # e.g. GoogLeNet's std-0.01 init
+        signal_preserving_init(base)
+    rows = []
+    for kind in kinds:
+        start = time.perf_counter()
+        row = {"kind": kind, "size": shape[1]}
+        try:
+            result = convert.convert_model(base, kind=kind, experts=4, input_size=shape)
+            if not result.layers:  # only a stem conv (ViTs): show it converts when asked
+                result = convert.convert_model(base, kind=kind, experts=4, input_size=shape, include="*")
+                row["note"] = "only stem convs; converted with include='*'"
+            row["converted"] = len(result.layers)
+            row["skipped"] = len(result.skipped)
+            model = result.model.eval()
+            check = compare(base, model, x)
+            row["rel_diff"] = check.max_rel
+            row["equal"] = check.ok
+            if not check.input_sensitive:
+                row["note"] = "output does not depend on the input: comparison would be vacuous"
+            with tempfile.TemporaryDirectory() as tmp:
+                path = convert.save_checkpoint(result, Path(tmp) / "m.safetensors")
+                loaded = convert.load_checkpoint(path)
+                row["checkpoint"] = bool(torch.equal(output(loaded, x), output(model, x)))
+            row["train"] = _train_ok(model, x, dynconv)
+        except Exception as exc:  # record, do not stop: the table lists every failure's reason
+            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+    return rows
+
+
+def _workable_size(model, size: int) -> tuple[int, int, int]:
+    """64x64 when the model accepts it in eval and train mode (fast), else its own default size."""
+    import copy
+
+    import torch
+
+    from convert.graph import default_input_size
+
+    channels, height, width = default_input_size(model)
+    if size < min(height, width):
+        try:
+            with torch.no_grad():
+                model(torch.zeros(2, channels, size, size))
+                copy.deepcopy(model).train()(torch.randn(2, channels, size, size))  # aux heads run in train
+            return (channels, size, size)
+        except Exception:  # fixed-size models (ViT, Swin...) or deep stride stacks: use their own size
+            pass
+    return (channels, height, width)
+
+
+def _train_ok(model, x, dynconv, max_steps: int = 4) -> bool:
+    """SGD steps on random labels until every expert has received gradient and, in some
+    layer, the experts' gradients differ (they are being trained apart).
+
+    Gradients, not weight changes, are checked: with ConvNeXt's 1e-6 layer scale a
+    small step rounds away in float32. Step 1 moves the zeroed routers, step 2 lets
+    routing tell the experts apart; a zero-initialised head (torchvision ViT) needs
+    one more step before gradients reach the convs.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    layers = dynconv.dynamic_layers(model)
+    dynconv.set_temperature(model, 1.0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    model.train()
+    labels = torch.randint(0, 10, (x.shape[0],), generator=torch.Generator().manual_seed(2))
+    reached: set[str] = set()
+    separated = False
+    for _ in range(max_steps):
+        out = model(x)
+        out = out if isinstance(out, torch.Tensor) else out[0]
+        loss = F.cross_entropy(out.float()[:, :10], labels) if out.dim() == 2 else out.float().pow(2).mean()
+        if not torch.isfinite(loss):
+            return False
+        opt.zero_grad()
+        loss.backward()
+        for name, layer in layers.items():
+            grad = layer.weight.grad
+            if grad is None:
+                continue
+            per_expert = grad.flatten(1)
+            if (per_expert.abs().sum(1) > 0).all():
+                reached.add(name)
+            separated = separated or bool(((per_expert - per_expert.mean(0)).abs().max() > 0).item())
+        opt.step()
+        if len(reached) == len(layers) and separated:
+            return True
+    return False
+
+
+# ---------------------------------------------------------------- the sweep
+
+
+def _limit_memory(gib: float) -> None:
+    """Cap a worker's address space so one giant model fails alone instead of the OOM killer."""
+    import resource
+
+    limit = int(gib * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def sweep_one(source: str, name: str, kinds: list[str], size: int, timeout: int, memory_gib: float) -> list[dict]:
+    cmd = [sys.executable, __file__, "--one", f"{source}:{name}", "--kinds", ",".join(kinds), "--size", str(size)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+            cwd=ROOT,
+            preexec_fn=lambda: _limit_memory(memory_gib),
+        )
+    except subprocess.TimeoutExpired:
+        return [{"kind": k, "error": f"timeout after {timeout} s", "seconds": timeout} for k in kinds]
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ZOO ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1][:160]
+        if proc.returncode < 0:
+            tail = f"killed by signal {-proc.returncode} (likely out of memory)"
+        secs = round(time.perf_counter() - start, 1)
+        return [{"kind": k, "error": tail, "seconds": secs} for k in kinds]
+    return json.loads(lines[-1][4:])
+
+
+def passed(row: dict) -> bool:
+    return "error" not in row and row.get("converted", 0) > 0 and row["equal"] and row["train"] and row["checkpoint"]
+
+
+def write_table(
+    results: dict[tuple[str, str], list[dict]],
+    kinds: list[str],
+    out: Path,
+    elapsed: float,
+    args_memory: float,
+    args_timeout: int,
+) -> str:
+    lines = ["# Zoo sweep", ""]
+    total = len(results)
+    summary = []
+    for kind in kinds:
+        ok = sum(passed(r) for rows in results.values() for r in rows if r["kind"] == kind)
+        summary.append(f"| {kind} | {ok} / {total} | {100 * ok / max(total, 1):.1f}% |")
+    lines += [
+        f"{total} models (every torchvision classifier, the smallest model of every timm family), "
+        f"K=4 experts, seeded random weights (re-initialised variance-preserving where the zoo's default init "
+        f"makes the output ignore the input), 64x64 input where the model accepts it "
+        f"in eval and train mode, else its own size; at most {args_memory} GiB and {args_timeout} s per model. "
+        f"Sweep time {elapsed / 60:.1f} min on 2 cores. Regenerate with `python scripts/zoo.py`.",
+        "",
+        "A model passes a kind when it converts at least one conv, the converted model equals the original "
+        "(max |diff| <= 1e-4 max |orig| + 1e-5, eval, on an output that depends on the input), up to four SGD "
+        "steps give every expert gradient and the experts different gradients, "
+        "and the checkpoint reloads (rebuilt by name) to bit-identical outputs.",
+        "",
+        "| kind | models passing | share |",
+        "|---|---|---|",
+        *summary,
+        "",
+        "| model | kind | size | converted | skipped | max rel diff | train ok | checkpoint ok | s | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (source, name), rows in sorted(results.items()):
+        for r in rows:
+            if "error" in r:
+                lines.append(f"| {source}:{name} | {r['kind']} | | | | | | | {r['seconds']} | FAIL: {r['error']} |")
+                continue
+            mark = "" if passed(r) else "FAIL "
+            lines.append(
+                f"| {source}:{name} | {r['kind']} | {r['size']} | {r['converted']} | {r['skipped']} "
+                f"| {r['rel_diff']:.1e} | {'yes' if r['train'] else 'no'} | {'yes' if r['checkpoint'] else 'no'} "
+                f"| {r['seconds']} | {mark}{r.get('note', '')} |"
+            )
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return "\n".join(summary)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", help="source:name entries (default: the whole zoo)")
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per model, all kinds")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--memory-gib", type=float, default=11.0, help="address-space cap per model subprocess")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    kinds = args.kinds.split(",")
+    sys.path.insert(0, str(ROOT))
+    if args.one:
+        source, name = args.one.split(":", 1)
+        print("ZOO " + json.dumps(run_one(source, name, kinds, args.size)), flush=True)
+        return
+    models = [tuple(m.split(":", 1)) for m in args.models] if args.models else all_models()
+    start = time.perf_counter()
+    results: dict[tuple[str, str], list[dict]] = {}
+
+    def job(model: tuple[str, str]) -> None:
+        results[model] = sweep_one(model[0], model[1], kinds, args.size, args.timeout, args.memory_gib)
+        fails = [r["kind"] for r in results[model] if not passed(r)]
+        status = "ok" if not fails else f"FAIL {fails}"
+        print(f"[{len(results)}/{len(models)}] {model[0]}:{model[1]} {status}", flush=True)
+
+    with ThreadPoolExecutor(args.workers) as pool:
+        list(pool.map(job, models))
+    print(write_table(results, kinds, args.out, time.perf_counter() - start, args.memory_gib, args.timeout))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
