@@ -29,6 +29,7 @@ import dynconv
 from .converter import CONVERSION_ATTR, Conversion, ConversionResult
 from .models import BaseModel, build_model, tag_base
 from .surgery import build_layer, get_module, replace_all
+from .weights import with_module_versions
 
 FORMAT_VERSION = 1
 METADATA_KEY = "dynconv"
@@ -152,6 +153,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def tensor_shapes(path: str | Path) -> dict[str, list[int]]:
+    """``name -> shape`` of every tensor in a safetensors file, read from its header only."""
+    header = _read_header(Path(path))
+    return {k: list(v["shape"]) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+
+
 def _read_header(path: Path) -> dict[str, Any]:
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -230,7 +237,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
                 f"{path} does not match the base model: {names[0]!r} is a {type(conv).__name__}, not a Conv2d"
             )
         replace_all(rebuilt, names, build_layer(conv, record["kind"], record["options"]))
-    state = dict(tensors)
+    state = with_module_versions(dict(tensors), rebuilt)
     for alias, stored in (meta.get("aliases") or {}).items():
         state[alias] = tensors[stored]
     try:

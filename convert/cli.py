@@ -1,38 +1,356 @@
-"""The ``dynconv`` command line."""
+"""The ``dynconv`` command line: convert, inspect, verify, models, recipes.
+
+Exit codes: 0 success, 1 the work failed (verification fell short), 2 bad input.
+Every error is one sentence on stderr (a traceback only with ``--debug``), and no
+command leaves a partial output file.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import torch
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import dynconv
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Dynamic convolutions from trained models.")
+from . import catalog, report
+from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint, tensor_shapes
+from .converter import SelectionError, convert_model
+from .graph import ProbeError
+from .models import ModelNotFoundError, build_model, list_models, resolve_source
+from .recipe import Recipe, RecipeError
+from .verify import compare
+from .weights import WeightsError, load_weights
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Turn the convs of a trained model into dynamic convolutions that start out computing the same function.",
+)
+out = Console()
+err = Console(stderr=True)
+T = TypeVar("T")
+
+#: Errors a user can cause: reported as one sentence, exit code 2.
+USER_ERRORS = (
+    ModelNotFoundError,
+    RecipeError,
+    WeightsError,
+    CheckpointError,
+    SelectionError,
+    ProbeError,
+    ValueError,
+    FileNotFoundError,
+)
 
 
-@app.callback()
-def _root() -> None:
-    """Dynamic convolutions (CondConv, DyConv, DyNet) initialised from trained convs."""
+class UsageError(Exception):
+    """A bad option combination or path, found before any work is done."""
 
 
-@app.command()
-def kinds() -> None:
-    """List the dynamic convolution kinds this install provides."""
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(debug: bool, action: Callable[[], T]) -> T:
+    """Run ``action``; turn user errors into one line and exit code 2 (tracebacks with --debug)."""
+    try:
+        return action()
+    except (UsageError, *USER_ERRORS, RuntimeError) as exc:  # RuntimeError: e.g. offline --pretrained
+        if debug:
+            raise
+        fail(_sentence(exc))
+    except Exception as exc:  # anything else is our failure, not the user's: exit 1, still no traceback
+        if debug:
+            raise
+        fail(f"{type(exc).__name__}: {_sentence(exc)} (rerun with --debug for the traceback)", code=1)
+
+
+def _sentence(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _steps(enabled: bool) -> Progress:
+    return Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not enabled,
+    )
+
+
+def default_output(model: str, kind: str, experts: int) -> Path:
+    """``MODEL-KIND-KE.safetensors``, e.g. ``resnet18-condconv-4e.safetensors``."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.rsplit(":", 1)[-1].rsplit(".", 1)[-1])
+    return Path(f"{stem}-{kind}-{experts}e.safetensors")
+
+
+def _check_output(path: Path, force: bool) -> None:
+    if path.exists() and not force:
+        raise UsageError(f"output {path} already exists; pass --force to overwrite it or --output to choose another")
+    if path.exists() and path.is_dir():
+        raise UsageError(f"output {path} is a folder; give a file name with --output")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise UsageError(f"output folder {folder} does not exist; create it or choose another --output")
+    if not os.access(folder, os.W_OK):
+        raise UsageError(f"output folder {folder} is not writable; choose another --output")
+
+
+def _load_recipe(recipe: str | None) -> Recipe | None:
+    return None if recipe is None else Recipe.from_yaml(catalog.find_recipe(recipe))
+
+
+@app.command("convert")
+def convert_cmd(
+    model: Annotated[
+        str | None,
+        typer.Argument(
+            help="torchvision or timm name, or package.module:factory (optional when the recipe names a model)"
+        ),
+    ] = None,
+    experts: Annotated[int | None, typer.Option("--experts", "-k", help="experts per layer (default 4)")] = None,
+    kind: Annotated[str | None, typer.Option(help="condconv | dyconv | dynet (default condconv)")] = None,
+    recipe: Annotated[str | None, typer.Option(help="YAML recipe file, or a shipped recipe name")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="convert only convs matching (glob or re:regex)")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="leave convs matching alone")] = None,
+    weights: Annotated[Path | None, typer.Option(help="original weights (.safetensors, .pth, .pt)")] = None,
+    pretrained: Annotated[bool, typer.Option(help="download the zoo's pretrained weights")] = False,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="checkpoint to write")] = None,
+    force: Annotated[bool, typer.Option(help="overwrite an existing output")] = False,
+    seed: Annotated[int | None, typer.Option(help="seed for the experts' noise (default 0)")] = None,
+    noise: Annotated[float | None, typer.Option(help="relative noise between experts (default 0.01)")] = None,
+    input_size: Annotated[int | None, typer.Option(help="probe/verification image size (default: the model's)")] = None,
+    dry_run: Annotated[bool, typer.Option(help="show the plan, write nothing")] = False,
+    no_verify: Annotated[bool, typer.Option(help="skip comparing converted and original outputs")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print a machine-readable result")] = False,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """Convert MODEL's convs to dynamic convs from its weights, verify, and write a checkpoint."""
+
+    def plan() -> tuple[str, dict[str, Any], Recipe | None, Path]:
+        if weights is not None and pretrained:
+            raise UsageError("choose one of --weights FILE and --pretrained")
+        if experts is not None and experts < 1:
+            raise UsageError(f"--experts must be at least 1, got {experts}")
+        if kind is not None and kind not in dynconv.LAYERS:
+            raise UsageError(f"unknown kind {kind!r}; choose one of {', '.join(dynconv.LAYERS)}")
+        if weights is not None and not weights.is_file():
+            raise UsageError(f"weights file {weights} does not exist")
+        spec = _load_recipe(recipe)
+        name, kwargs = model, {}
+        if spec is not None and spec.model is not None and (name is None or name == spec.model.name):
+            name, kwargs = spec.model.name, dict(spec.model.kwargs)
+        if name is None:
+            raise UsageError("name a MODEL (e.g. resnet18), or a --recipe that names one")
+        resolve_source(name)
+        defaults = spec.defaults if spec is not None else None
+        final_kind = kind or (defaults.kind if defaults and defaults.kind else "condconv")
+        final_experts = experts or (defaults.experts if defaults and defaults.experts else 4)
+        path = output or default_output(name, final_kind, final_experts)
+        if not dry_run:
+            _check_output(path, force)
+        return name, kwargs, spec, path
+
+    name, kwargs, spec, path = guarded(debug, plan)
+    with _steps(not as_json) as progress:
+
+        def step(text: str, fn: Callable[[], T]) -> T:
+            task = progress.add_task(text)
+            value = guarded(debug, fn)
+            progress.remove_task(task)
+            return value
+
+        original = step(f"building {name}", lambda: build_model(name, pretrained=pretrained, **kwargs).eval())
+        if weights is not None:
+            step(f"loading {weights}", lambda: load_weights(original, weights))
+        result = step(
+            "converting",
+            lambda: convert_model(
+                original,
+                spec,
+                kind=kind,
+                experts=experts,
+                include=include or None,
+                exclude=exclude or None,
+                seed=seed,
+                noise=noise,
+                input_size=input_size,
+            ),
+        )
+        check = None
+        if not no_verify:
+            shape = result.input_shape
+            x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+            check = step("verifying", lambda: compare(original, result.model, x))
+        written, size = None, None
+        if not dry_run and (check is None or check.within_tolerance):
+            step(f"writing {path}", lambda: save_checkpoint(result, path, overwrite=force))
+            written, size = str(path), path.stat().st_size
+    if as_json:
+        print(json.dumps(report.conversion_json(name, result, check, written, size, dry_run), indent=2))
+    else:
+        report.render_conversion(out, result, check, written, size, dry_run)
+    if check is not None and not check.within_tolerance:
+        fail(
+            f"the converted model differs from the original by {check.max_rel:.2e} (relative), beyond the "
+            "1e-4 tolerance; nothing was written",
+            code=1,
+        )
+
+
+@app.command("inspect")
+def inspect_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="a dynconv .safetensors checkpoint")],
+    as_json: Annotated[bool, typer.Option("--json", help="print a machine-readable result")] = False,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """Show what is in a checkpoint: base model, versions, converted layers, sizes."""
+    meta = guarded(debug, lambda: read_metadata(checkpoint))
+    shapes = guarded(debug, lambda: tensor_shapes(checkpoint))
+    size = checkpoint.stat().st_size
+    if as_json:
+        layers = report.checkpoint_layers(meta, shapes)
+        print(
+            json.dumps(
+                {**meta, "path": str(checkpoint), "file_size": size, "tensors": len(shapes), "layers": layers}, indent=2
+            )
+        )
+    else:
+        report.render_checkpoint(out, str(checkpoint), meta, shapes, size)
+
+
+@app.command("verify")
+def verify_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="a dynconv .safetensors checkpoint")],
+    weights: Annotated[Path | None, typer.Option(help="original weights: also compare with the original model")] = None,
+    model: Annotated[str | None, typer.Option(help="package.module:factory for a custom base model")] = None,
+    input_size: Annotated[int | None, typer.Option(help="image size (default: the recorded probe size)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print a machine-readable result")] = False,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """Rebuild a checkpoint, check its digest, run it; with --weights, compare it to the original."""
+    if weights is not None and not weights.is_file():
+        fail(f"weights file {weights} does not exist")
+    meta = guarded(debug, lambda: read_metadata(checkpoint))
+    base = guarded(debug, lambda: build_model(model) if model else None)
+    loaded = guarded(debug, lambda: load_checkpoint(checkpoint, model=base))
+    channels, height, width = meta["input_shape"]
+    if input_size is not None:
+        height = width = input_size
+    x = torch.randn(2, channels, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = loaded(x)
+    y = y if isinstance(y, torch.Tensor) else y[0]
+    finite = bool(torch.isfinite(y).all())
+    result: dict[str, Any] = {
+        "checkpoint": str(checkpoint),
+        "digest": "ok",
+        "loads": True,
+        "output_shape": list(y.shape),
+        "finite": finite,
+        "comparison": None,
+    }
+    check = None
+    if weights is not None:
+        original = guarded(
+            debug,
+            lambda: (
+                base
+                if base is not None
+                else build_model(meta["base"]["name"], meta["base"]["source"], **meta["base"]["kwargs"])
+            ),
+        )
+        guarded(debug, lambda: load_weights(original, weights))
+        check = compare(original.eval(), loaded, x)
+        result["comparison"] = {**check.__dict__, "ok": check.ok}
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        table = Table(show_header=False, title=f"verify {checkpoint}", title_justify="left")
+        table.add_column("check")
+        table.add_column("result")
+        table.add_row("digest", "ok")
+        table.add_row(
+            "rebuilt and loaded",
+            f"{meta['base']['source']}:{meta['base']['name']}, {len(meta['layers'])} dynamic layers",
+        )
+        verdict = "finite" if finite else "NOT FINITE"
+        table.add_row(f"forward at {height}x{width}", f"output {tuple(y.shape)}, {verdict}")
+        if check is not None:
+            table.add_row(
+                "vs original weights",
+                f"max difference {check.max_rel:.2e} relative — "
+                f"{'ok' if check.within_tolerance else 'OUT OF TOLERANCE'}",
+            )
+        out.print(table)
+    if not finite:
+        fail("the rebuilt model produces non-finite outputs", code=1)
+    if check is not None and not check.within_tolerance:
+        fail(
+            f"the checkpoint differs from the original model by {check.max_rel:.2e} (relative), beyond the 1e-4 "
+            "tolerance (expected after fine-tuning, not right after conversion)",
+            code=1,
+        )
+
+
+@app.command("models")
+def models_cmd(
+    pattern: Annotated[str | None, typer.Argument(help="glob on model names, e.g. 'resnet*'")] = None,
+    source: Annotated[str | None, typer.Option(help="torchvision or timm only")] = None,
+) -> None:
+    """List the model names `convert` can build, marked by source."""
+    found = [(s, n) for s, n in list_models(pattern) if source is None or s == source]
+    if not found:
+        fail(f"no model name matches {pattern!r}; try a broader pattern such as '{(pattern or '')[:3]}*'")
+    for src, name in found:
+        out.print(f"{src:12} {name}", markup=False, highlight=False)
+
+
+@app.command("recipes")
+def recipes_cmd() -> None:
+    """List the shipped recipes with one-line descriptions."""
+    table = Table("recipe", "model", "description")
+    for name, path in catalog.shipped_recipes().items():
+        spec = Recipe.from_yaml(path)
+        table.add_row(name, spec.model.name if spec.model else "any", spec.description)
+    out.print(table)
+
+
+@app.command("kinds")
+def kinds_cmd() -> None:
+    """List the dynamic convolution kinds and their routing."""
     table = Table("kind", "layer", "routing")
     for name, cls in dynconv.LAYERS.items():
         table.add_row(name, f"dynconv.{cls.__name__}", (cls.__doc__ or "").strip().splitlines()[0])
-    Console().print(table)
+    out.print(table)
 
 
-@app.command()
-def version() -> None:
+@app.command("version")
+def version_cmd() -> None:
     """Print the dynconv and torch versions."""
-    import torch
-
-    typer.echo(f"dynconv {dynconv.__version__} (torch {torch.__version__})")
+    out.print(f"dynconv {dynconv.__version__} (torch {torch.__version__})", highlight=False)
 
 
 def main() -> None:
     """Console-script entry point."""
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted", style="red")
+        sys.exit(130)

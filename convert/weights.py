@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -45,6 +46,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def with_module_versions(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """Attach ``model``'s per-module version metadata to a state dict that lacks it.
+
+    Safetensors files carry no ``_metadata``; some modules (torchvision's MNASNet)
+    refuse to load without their version. The tensors came from these same classes.
+    """
+    if getattr(state, "_metadata", None) is None:
+        ordered = OrderedDict(state)
+        ordered._metadata = model.state_dict()._metadata  # type: ignore[attr-defined]
+        return ordered
+    return state
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a weights file into ``model`` strictly; say what does not fit if it does not."""
     state = read_state_dict(path)
@@ -64,5 +78,5 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
                 f"{len(wrong)} of the wrong shape (e.g. {k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)})"
             )
         raise WeightsError(f"weights in {path} do not fit the model: {', '.join(parts)}")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(with_module_versions(state, model), strict=True)
     return model

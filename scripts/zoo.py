@@ -52,11 +52,28 @@ def smallest_per_timm_family() -> list[str]:
     return chosen
 
 
-def all_models() -> list[tuple[str, str]]:
+def meta_params(source: str, name: str) -> int:
+    """Parameter count without allocating weights (built on the 'meta' device)."""
+    import timm
+    import torch
     import torchvision
 
-    tv = [("torchvision", n) for n in torchvision.models.list_models(module=torchvision.models)]
-    return tv + [("timm", n) for n in smallest_per_timm_family()]
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name) if source == "timm" else torchvision.models.get_model(name)
+        return sum(p.numel() for p in model.parameters())
+    except Exception:  # cannot build on meta: treat as large, run last
+        return 10**12
+
+
+def all_models() -> list[tuple[str, str]]:
+    """Every torchvision classifier and one model per timm family, smallest first (so the
+    sweep's early minutes cover most models and the giants, which may time out, come last)."""
+    import torchvision
+
+    models = [("torchvision", n) for n in torchvision.models.list_models(module=torchvision.models)]
+    models += [("timm", n) for n in smallest_per_timm_family()]
+    return sorted(models, key=lambda m: meta_params(*m))
 
 
 # ---------------------------------------------------------------- one model, in a subprocess
@@ -265,10 +282,15 @@ def main() -> None:
     parser.add_argument("--models", nargs="*", help="source:name entries (default: the whole zoo)")
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--timeout", type=int, default=600, help="seconds per model, all kinds")
+    parser.add_argument("--timeout", type=int, default=300, help="seconds per model, all kinds")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-gib", type=float, default=11.0, help="address-space cap per model subprocess")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="update the rows of --models in the existing results (the .json beside --out)",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     kinds = args.kinds.split(",")
@@ -289,8 +311,17 @@ def main() -> None:
 
     with ThreadPoolExecutor(args.workers) as pool:
         list(pool.map(job, models))
-    print(write_table(results, kinds, args.out, time.perf_counter() - start, args.memory_gib, args.timeout))
-    print(f"wrote {args.out}")
+    elapsed = time.perf_counter() - start
+    store = args.out.with_suffix(".json")
+    if args.merge and store.exists():
+        previous = json.loads(store.read_text())
+        merged = {tuple(k.split("|", 1)): v for k, v in previous["results"].items()}
+        merged.update(results)
+        results, elapsed = merged, previous["elapsed"] + elapsed
+    store.parent.mkdir(parents=True, exist_ok=True)
+    store.write_text(json.dumps({"elapsed": elapsed, "results": {f"{s}|{n}": v for (s, n), v in results.items()}}))
+    print(write_table(results, kinds, args.out, elapsed, args.memory_gib, args.timeout))
+    print(f"wrote {args.out} and {store}")
 
 
 if __name__ == "__main__":

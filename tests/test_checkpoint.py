@@ -51,6 +51,15 @@ def test_round_trip_with_builder_kwargs(tmp_path) -> None:
     torch.testing.assert_close(loaded(x), result.model.eval()(x), rtol=0, atol=0)
 
 
+def test_modules_that_check_their_state_dict_version_load(tmp_path) -> None:
+    """torchvision's MNASNet refuses a state dict without version metadata (safetensors has none)."""
+    torch.manual_seed(0)
+    result = convert.convert_model(convert.build_model("mnasnet0_5"), kind="dynet", input_size=32)
+    loaded = convert.load_checkpoint(convert.save_checkpoint(result, tmp_path / "m.safetensors"))
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), result.model.eval()(x), rtol=0, atol=0)
+
+
 def test_a_model_trained_after_conversion_saves_and_loads(resnet_result, tmp_path) -> None:
     model = resnet_result.model
     with torch.no_grad():
