@@ -33,6 +33,8 @@ from .weights import with_module_versions
 
 FORMAT_VERSION = 1
 METADATA_KEY = "dynconv"
+#: Tensors under this prefix hold optional training state (optimizer buffers), not the model.
+TRAINING_PREFIX = "__training__."
 
 
 class CheckpointError(ValueError):
@@ -88,10 +90,17 @@ def _conversion_of(source: ConversionResult | nn.Module) -> tuple[nn.Module, Con
     return model, conversion
 
 
-def save_checkpoint(source: ConversionResult | nn.Module, path: str | Path, *, overwrite: bool = False) -> Path:
+def save_checkpoint(
+    source: ConversionResult | nn.Module,
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+    training: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+) -> Path:
     """Write a converted model (a result, or a model converted earlier and trained since).
 
     Refuses to replace an existing file unless ``overwrite``; the write is atomic.
+    ``training`` is optional ``(info, tensors)`` state for resuming a fine-tuning run.
     """
     path = Path(path)
     model, conversion = _conversion_of(source)
@@ -100,6 +109,8 @@ def save_checkpoint(source: ConversionResult | nn.Module, path: str | Path, *, o
     if not path.parent.is_dir():
         raise CheckpointError(f"folder {path.parent} does not exist")
     tensors, aliases = _dedupe(model.state_dict())
+    if training is not None:
+        tensors.update({TRAINING_PREFIX + k: v.detach().contiguous().clone() for k, v in training[1].items()})
     structure = {
         "format_version": FORMAT_VERSION,
         "base": conversion.base.to_dict(),
@@ -109,6 +120,8 @@ def save_checkpoint(source: ConversionResult | nn.Module, path: str | Path, *, o
         "aliases": aliases,
         "versions": _versions(),
     }
+    if training is not None:
+        structure["training"] = training[0]
     try:
         structure = json.loads(json.dumps(structure))  # the exact form a reader will see
     except TypeError as exc:
@@ -128,6 +141,16 @@ def save_checkpoint(source: ConversionResult | nn.Module, path: str | Path, *, o
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def read_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """The ``(info, tensors)`` training state saved with a checkpoint, or ``None``."""
+    meta = read_metadata(path)
+    if "training" not in meta:
+        return None
+    tensors = _read_tensors(Path(path))
+    n = len(TRAINING_PREFIX)
+    return meta["training"], {k[n:]: v for k, v in tensors.items() if k.startswith(TRAINING_PREFIX)}
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
@@ -237,7 +260,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
                 f"{path} does not match the base model: {names[0]!r} is a {type(conv).__name__}, not a Conv2d"
             )
         replace_all(rebuilt, names, build_layer(conv, record["kind"], record["options"]))
-    state = with_module_versions(dict(tensors), rebuilt)
+    model_tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_PREFIX)}
+    state = with_module_versions(model_tensors, rebuilt)
     for alias, stored in (meta.get("aliases") or {}).items():
         state[alias] = tensors[stored]
     try:

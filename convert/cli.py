@@ -309,6 +309,93 @@ def verify_cmd(
         )
 
 
+@app.command("finetune")
+def finetune_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="a converted .safetensors checkpoint")],
+    data: Annotated[Path, typer.Argument(help="image folder: one subfolder per class (or train/ and val/)")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="default: CHECKPOINT-finetuned")] = None,
+    epochs: Annotated[int, typer.Option(help="epochs in total (a resumed run continues to this)")] = 5,
+    lr: Annotated[float, typer.Option(help="SGD learning rate")] = 0.01,
+    batch_size: Annotated[int, typer.Option(help="per process")] = 64,
+    image_size: Annotated[int | None, typer.Option(help="default: the checkpoint's probe size")] = None,
+    temperature_epochs: Annotated[float, typer.Option(help="anneal DyConv temperature 30 -> 1 over these")] = 10.0,
+    router_warmup_epochs: Annotated[int, typer.Option(help="first epochs train the routers only")] = 0,
+    router_lr_scale: Annotated[float, typer.Option(help="router learning rate = lr x this")] = 1.0,
+    max_steps: Annotated[int | None, typer.Option(help="cap steps per epoch (smoke runs)")] = None,
+    seed: Annotated[int, typer.Option(help="data split and shuffling seed")] = 0,
+    resume: Annotated[bool, typer.Option(help="continue OUTPUT's own run")] = False,
+    force: Annotated[bool, typer.Option(help="overwrite OUTPUT")] = False,
+    debug: Annotated[bool, typer.Option(help="show tracebacks")] = False,
+) -> None:
+    """Fine-tune a converted checkpoint on an image folder; resumable; run under torchrun for DDP."""
+    from .finetune import TrainConfig, finetune
+
+    target = output or checkpoint.with_name(checkpoint.stem + "-finetuned.safetensors")
+    config = TrainConfig(
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        image_size=image_size,
+        temperature_epochs=temperature_epochs,
+        router_warmup_epochs=router_warmup_epochs,
+        router_lr_scale=router_lr_scale,
+        max_steps_per_epoch=max_steps,
+        seed=seed,
+    )
+    rank = int(os.environ.get("RANK", "0"))
+    table = Table(
+        "epoch",
+        "train loss",
+        "train acc",
+        "val loss",
+        "val acc",
+        "temperature",
+        "s",
+        title=f"fine-tuning {checkpoint} on {data}",
+        title_justify="left",
+    )
+    with Progress(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=rank != 0,
+    ) as bar:
+        task = bar.add_task("training")
+
+        def on_step(step: int, steps: int, loss: float) -> None:
+            bar.update(task, description=f"step {step}/{steps}  loss {loss:.3f}")
+
+        def on_epoch(log) -> None:
+            temp = "—" if log.temperature is None else f"{log.temperature:.1f}"
+            row = (
+                str(log.epoch),
+                f"{log.train_loss:.4f}",
+                f"{log.train_acc:.3f}",
+                f"{log.val_loss:.4f}",
+                f"{log.val_acc:.3f}",
+                temp,
+                f"{log.seconds:.1f}",
+            )
+            table.add_row(*row)
+            err.print(
+                f"epoch {row[0]}: train loss {row[1]} acc {row[2]}, val loss {row[3]} acc {row[4]}, "
+                f"temperature {row[5]} ({row[6]} s)",
+                highlight=False,
+            )
+
+        state = guarded(
+            debug,
+            lambda: finetune(
+                checkpoint, data, target, config, resume=resume, overwrite=force, log=on_epoch, progress=on_step
+            ),
+        )
+    if rank == 0:
+        out.print(table)
+        out.print(f"wrote {target} (epoch {state.epoch})", soft_wrap=True, highlight=False, markup=False)
+
+
 @app.command("models")
 def models_cmd(
     pattern: Annotated[str | None, typer.Argument(help="glob on model names, e.g. 'resnet*'")] = None,
@@ -354,3 +441,7 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted", style="red")
         sys.exit(130)
+
+
+if __name__ == "__main__":  # python -m convert.cli (e.g. under torchrun)
+    main()

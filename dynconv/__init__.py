@@ -9,6 +9,7 @@ from .functional import STRATEGIES, dynamic_conv2d, strategy_scope
 from .inspection import capture_routing, dynamic_layers
 from .layers import LAYERS, CondConv2d, DyConv2d, DynamicConv2d, DyNetConv2d, layer_class
 from .temperature import TemperatureSchedule, set_temperature
+from .training import expert_parameters, other_parameters, parameter_groups, router_parameters, set_trainable
 
 __version__ = "0.1.0"
 
@@ -24,9 +25,14 @@ __all__ = [
     "capture_routing",
     "dynamic_conv2d",
     "dynamic_layers",
+    "expert_parameters",
     "functional",
     "layer_class",
+    "other_parameters",
+    "parameter_groups",
+    "router_parameters",
     "set_temperature",
+    "set_trainable",
     "strategy_scope",
     "upcycle",
 ]
