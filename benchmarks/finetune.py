@@ -29,6 +29,10 @@ from convert.finetune import TrainConfig, evaluate, finetune, image_folder_split
 RESULTS = Path(__file__).parent / "results" / "finetune.md"
 
 
+def _history_row(h: dict) -> str:
+    return f"| {h['epoch']} | {h['train_loss']:.4f} | {h['train_acc']:.4f} | {h['val_loss']:.4f} | {h['val_acc']:.4f} |"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pre-epochs", type=int, default=4, help="static training before conversion")
@@ -84,10 +88,7 @@ def main() -> None:
         "",
         "| epoch | train loss | train acc | val loss | val acc |",
         "|---|---|---|---|---|",
-        *[
-            f"| {h['epoch']} | {h['train_loss']:.4f} | {h['train_acc']:.4f} | {h['val_loss']:.4f} | {h['val_acc']:.4f} |"
-            for h in pre.history
-        ],
+        *[_history_row(h) for h in pre.history],
         "",
         "## Fine-tuning, same steps",
         "",

@@ -29,7 +29,7 @@ from .converter import SelectionError, convert_model
 from .graph import ProbeError
 from .models import ModelNotFoundError, build_model, list_models, resolve_source
 from .recipe import Recipe, RecipeError
-from .verify import compare
+from .verify import Comparison, compare
 from .weights import WeightsError, load_weights
 
 app = typer.Typer(
@@ -62,6 +62,15 @@ class UsageError(Exception):
 def fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def fail_tolerance(check: Comparison, what: str, consequence: str) -> NoReturn:
+    """Exit 1: a comparison with the original fell outside the contract's tolerance."""
+    fail(
+        f"{what} differs from the original model by {check.max_rel:.2e} (relative), beyond the 1e-4 tolerance; "
+        f"{consequence}",
+        code=1,
+    )
 
 
 def guarded(debug: bool, action: Callable[[], T]) -> T:
@@ -207,11 +216,7 @@ def convert_cmd(
     else:
         report.render_conversion(out, result, check, written, size, dry_run)
     if check is not None and not check.within_tolerance:
-        fail(
-            f"the converted model differs from the original by {check.max_rel:.2e} (relative), beyond the "
-            "1e-4 tolerance; nothing was written",
-            code=1,
-        )
+        fail_tolerance(check, "the converted model", "nothing was written")
 
 
 @app.command("inspect")
@@ -302,11 +307,7 @@ def verify_cmd(
     if not finite:
         fail("the rebuilt model produces non-finite outputs", code=1)
     if check is not None and not check.within_tolerance:
-        fail(
-            f"the checkpoint differs from the original model by {check.max_rel:.2e} (relative), beyond the 1e-4 "
-            "tolerance (expected after fine-tuning, not right after conversion)",
-            code=1,
-        )
+        fail_tolerance(check, "the checkpoint", "expected after fine-tuning, not right after conversion")
 
 
 @app.command("finetune")

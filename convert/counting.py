@@ -7,9 +7,33 @@ includes kernel mixing, the router and the convolution, whichever strategy runs.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+
+class _FlopCounter(TorchDispatchMode):
+    """``torch.utils.flop_counter``'s per-op formulas, summed over every aten op that runs.
+
+    ``FlopCounterMode`` itself also tracks modules with autograd hooks, which fails on
+    models that make views of parameters under ``no_grad`` (PiT, CaiT class tokens);
+    the totals are the same without it.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def count_params(module: nn.Module) -> int:
@@ -26,8 +50,8 @@ def count_macs(module: nn.Module, input_shape: tuple[int, ...]) -> int:
     was_training = module.training
     module.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), _FlopCounter() as counter:
             module(x)
     finally:
         module.train(was_training)
-    return counter.get_total_flops() // 2
+    return counter.flops // 2

@@ -73,7 +73,9 @@ def compare(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> Compa
 
 
 def signal_preserving_init(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Re-initialise convs and linears with variance 1/fan_in (for random-weight checks).
+    """Re-initialise convs and linears with variance 2/fan_in (Kaiming) and zero linear
+    biases, and give zero-initialised norm scales (timm's ``zero_init_last``) the value 1,
+    so a random model's output depends on its input (for random-weight checks).
 
     For tests and sweeps on random models whose default init lets the signal vanish;
     never needed for trained weights.
@@ -84,5 +86,11 @@ def signal_preserving_init(model: nn.Module, seed: int = 0) -> nn.Module:
             if isinstance(module, (nn.Conv2d, nn.Linear)):
                 fan_in = module.weight[0].numel()
                 noise = torch.randn(module.weight.shape, generator=gen, dtype=torch.float32)
-                module.weight.copy_(noise * fan_in**-0.5)
+                module.weight.copy_(noise * (2.0 / fan_in) ** 0.5)
+                if isinstance(module, nn.Linear) and module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)):
+                weight = getattr(module, "weight", None)
+                if weight is not None and not weight.any():
+                    weight.fill_(1.0)
     return model

@@ -62,7 +62,7 @@ def select_strategy(
     """The strategy the core would run for this call (honours :func:`strategy_scope`)."""
     batch, c_in, height, width = input.shape
     out_hw = geom.output_size(height, width)
-    return strategies.choose(batch, c_in, weight.shape[1], out_hw, geom, weight.shape[0], needs_grad)
+    return strategies.choose(batch, c_in, out_hw, geom, needs_grad)
 
 
 def dynamic_conv2d(

@@ -239,15 +239,7 @@ def allowed_strategies() -> tuple[str, ...] | None:
     return getattr(_scope, "allowed", None)
 
 
-def preference(
-    batch: int,
-    c_in: int,
-    c_out: int,
-    out_hw: tuple[int, int],
-    geom: ConvGeometry,
-    experts: int,
-    needs_grad: bool,
-) -> tuple[str, ...]:
+def preference(batch: int, c_in: int, out_hw: tuple[int, int], geom: ConvGeometry, needs_grad: bool) -> tuple[str, ...]:
     """Strategies in the order this machine's measurements favour for the call's shape.
 
     The order comes from ``benchmarks/core.py`` (2-thread CPU, see
@@ -274,18 +266,10 @@ def preference(
 SMALL_MAP_PIXELS = 8 * 8
 
 
-def choose(
-    batch: int,
-    c_in: int,
-    c_out: int,
-    out_hw: tuple[int, int],
-    geom: ConvGeometry,
-    experts: int,
-    needs_grad: bool,
-) -> str:
+def choose(batch: int, c_in: int, out_hw: tuple[int, int], geom: ConvGeometry, needs_grad: bool) -> str:
     """The strategy to run: the first preferred one the active scope allows."""
     allowed = allowed_strategies()
-    for name in preference(batch, c_in, c_out, out_hw, geom, experts, needs_grad):
+    for name in preference(batch, c_in, out_hw, geom, needs_grad):
         if (allowed is None or name in allowed) and applicable(name, batch, geom):
             return name
     if allowed is not None:

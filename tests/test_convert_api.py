@@ -262,3 +262,27 @@ def test_recipe_yaml_errors_give_file_and_line(tmp_path) -> None:
     good.write_text("defaults:\n  kind: dynet\n  experts: 2\n")
     result = convert.convert_model(tiny(), recipe=good, input_size=16)
     assert {r.kind for r in result.layers} == {"dynet"}
+
+
+class TokenNet(nn.Module):
+    """Feeds a view of a parameter to a module (PiT/CaiT class tokens), which broke module-tracking counters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.token = nn.Parameter(torch.randn(1, 8, 4, 4))
+        self.mix = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        token = self.mix(self.token.expand(x.shape[0], -1, -1, -1))
+        return self.mix(self.stem(x)).mean((2, 3)) + token.mean((2, 3))
+
+
+def test_macs_are_counted_when_parameter_views_feed_modules() -> None:
+    torch.manual_seed(0)
+    model = TokenNet().eval()
+    result = convert.convert_model(model, kind="dyconv", input_size=4)
+    (record,) = result.layers
+    assert record.name == "mix" and record.macs_after > record.macs_before > 0
+    x = torch.randn(2, 3, 4, 4)
+    assert close_enough(result.model(x), model(x))
