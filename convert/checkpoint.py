@@ -216,6 +216,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(path), framework="pt") as handle:
             return {name: handle.get_tensor(name) for name in handle.keys()}
     except Exception as exc:  # safetensors raises its own error types
+        if "allocate" in str(exc) or "mmap" in str(exc):
+            raise MemoryError(f"not enough memory to read {path} ({path.stat().st_size / 2**30:.1f} GiB)") from None
         raise CheckpointError(f"{path} is corrupt: {exc}") from None
 
 

@@ -191,6 +191,8 @@ def convert_model(
     try:
         converted = copy.deepcopy(model)
     except RuntimeError as exc:
+        if "graph leaves" not in str(exc):
+            raise
         raise ValueError(
             f"the model cannot be copied, and dynconv never modifies the model it is given ({exc}); "
             "old-style torch.nn.utils.weight_norm is a common cause: use torch.nn.utils.parametrizations.weight_norm"

@@ -74,8 +74,9 @@ def compare(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> Compa
 
 def signal_preserving_init(model: nn.Module, seed: int = 0) -> nn.Module:
     """Re-initialise convs and linears with variance 2/fan_in (Kaiming) and zero linear
-    biases, and give zero-initialised norm scales (timm's ``zero_init_last``) the value 1,
-    so a random model's output depends on its input (for random-weight checks).
+    biases, and set zero-initialised norm scales (timm's ``zero_init_last``) and tiny
+    layer-scale gammas to 1, so a random model's output depends on its input (for
+    random-weight checks).
 
     For tests and sweeps on random models whose default init lets the signal vanish;
     never needed for trained weights.
@@ -93,4 +94,8 @@ def signal_preserving_init(model: nn.Module, seed: int = 0) -> nn.Module:
                 weight = getattr(module, "weight", None)
                 if weight is not None and not weight.any():
                     weight.fill_(1.0)
+        for name, param in model.named_parameters():  # layer scale (CaiT, ConvNeXt): 1e-5 silences branches
+            leaf = name.rsplit(".", 1)[-1]
+            if ("gamma" in leaf or "layer_scale" in leaf) and param.abs().max() < 1e-3:
+                param.fill_(1.0)
     return model
