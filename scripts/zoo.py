@@ -263,8 +263,8 @@ def write_table(
         f"Sweep time {elapsed / 60:.1f} min on 2 cores. Regenerate with `python scripts/zoo.py`.",
         "",
         "A model passes a kind when it converts at least one conv, the converted model equals the original "
-        "(max |diff| <= 1e-4 max |orig| + 1e-5, eval, on an output that depends on the input), up to four SGD "
-        "steps give every expert gradient and the experts different gradients, "
+        "(max |diff| <= 1e-4 max |orig| + 1e-5, eval, on an output that depends on the input), up to four "
+        "optimiser steps give every expert gradient and the experts different gradients, "
         "and the checkpoint reloads (rebuilt by name) to bit-identical outputs.",
         "",
         f"{total - len(applicable)} models have no nn.Conv2d at all and are left out of the shares.",
