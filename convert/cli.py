@@ -355,14 +355,7 @@ def finetune_cmd(
         title=f"fine-tuning {checkpoint} on {data}",
         title_justify="left",
     )
-    with Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=rank != 0,
-    ) as bar:
+    with _steps(rank == 0) as bar:
         task = bar.add_task("training")
 
         def on_step(step: int, steps: int, loss: float) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from network import online
 from typer.testing import CliRunner
 
 import convert
@@ -259,15 +259,7 @@ def test_debug_shows_the_traceback() -> None:
     assert result.exit_code != 0 and isinstance(result.exception, convert.ModelNotFoundError)
 
 
-def _online(host: str) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(_online("download.pytorch.org"), reason="this machine can download weights")
+@pytest.mark.skipif(online("download.pytorch.org"), reason="this machine can download weights")
 def test_pretrained_offline_is_one_sentence_suggesting_weights(tmp_path) -> None:
     result = run("convert", "resnet18", "--pretrained", cwd=tmp_path)
     assert result.exit_code == 2

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from network import online
 
 import convert
 
@@ -42,15 +42,7 @@ def test_zoo_script_on_one_model(tmp_path: Path) -> None:
     assert int(cells[3]) > 0 and float(cells[5]) < 1e-4 and cells[6] == cells[7] == "yes"
 
 
-def _online(host: str) -> bool:
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(_online("download.pytorch.org"), reason="this machine can download weights")
+@pytest.mark.skipif(online("download.pytorch.org"), reason="this machine can download weights")
 def test_pretrained_offline_fails_with_a_sentence() -> None:
     with pytest.raises(RuntimeError, match=r"could not download pretrained weights for 'resnet18'.*--weights FILE"):
         convert.build_model("resnet18", pretrained=True)
