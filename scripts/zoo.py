@@ -81,7 +81,7 @@ def all_models() -> list[tuple[str, str]]:
 # ---------------------------------------------------------------- one model, in a subprocess
 
 
-def run_one(source: str, name: str, kinds: list[str], size: int) -> list[dict]:
+def run_one(source: str, name: str, kinds: list[str], size: int, conv_budget: int = CONV_PARAM_BUDGET) -> list[dict]:
     """Convert ``name`` with each kind and check it; returns one row per kind."""
     import tempfile
 
@@ -97,7 +97,7 @@ def run_one(source: str, name: str, kinds: list[str], size: int) -> list[dict]:
     conv_params = sum(m.weight.numel() for m in base.modules() if isinstance(m, torch.nn.Conv2d))
     if conv_params == 0:
         return [{"kind": kind, "error": NOT_APPLICABLE, "seconds": 0.0} for kind in kinds]
-    if conv_params > CONV_PARAM_BUDGET:
+    if conv_params > conv_budget:
         reason = (
             f"over the sweep budget: {conv_params / 1e6:.0f}M conv parameters (x4 experts, checkpoint round "
             "trip) do not fit 300 s on 2 cores; convert it with `dynconv convert` on its own"
@@ -210,8 +210,21 @@ def _limit_memory(gib: float) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def sweep_one(source: str, name: str, kinds: list[str], size: int, timeout: int, memory_gib: float) -> list[dict]:
-    cmd = [sys.executable, __file__, "--one", f"{source}:{name}", "--kinds", ",".join(kinds), "--size", str(size)]
+def sweep_one(
+    source: str, name: str, kinds: list[str], size: int, timeout: int, memory_gib: float, conv_budget: int
+) -> list[dict]:
+    cmd = [
+        sys.executable,
+        __file__,
+        "--one",
+        f"{source}:{name}",
+        "--kinds",
+        ",".join(kinds),
+        "--size",
+        str(size),
+        "--max-conv-params",
+        str(conv_budget),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
     try:
@@ -301,6 +314,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--timeout", type=int, default=300, help="seconds per model, all kinds")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument(
+        "--max-conv-params",
+        type=int,
+        default=CONV_PARAM_BUDGET,
+        help="models with more conv parameters are recorded as over budget, not run",
+    )
     parser.add_argument("--memory-gib", type=float, default=11.0, help="address-space cap per model subprocess")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument(
@@ -314,14 +333,16 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     if args.one:
         source, name = args.one.split(":", 1)
-        print("ZOO " + json.dumps(run_one(source, name, kinds, args.size)), flush=True)
+        print("ZOO " + json.dumps(run_one(source, name, kinds, args.size, args.max_conv_params)), flush=True)
         return
     models = [tuple(m.split(":", 1)) for m in args.models] if args.models else all_models()
     start = time.perf_counter()
     results: dict[tuple[str, str], list[dict]] = {}
 
     def job(model: tuple[str, str]) -> None:
-        results[model] = sweep_one(model[0], model[1], kinds, args.size, args.timeout, args.memory_gib)
+        results[model] = sweep_one(
+            model[0], model[1], kinds, args.size, args.timeout, args.memory_gib, args.max_conv_params
+        )
         fails = [r["kind"] for r in results[model] if not passed(r)]
         status = "ok" if not fails else f"FAIL {fails}"
         print(f"[{len(results)}/{len(models)}] {model[0]}:{model[1]} {status}", flush=True)
