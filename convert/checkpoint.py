@@ -27,7 +27,7 @@ from torch import nn
 import dynconv
 
 from .converter import CONVERSION_ATTR, Conversion, ConversionResult
-from .models import BaseModel, build_model, tag_base
+from .models import BaseModel, tag_base
 from .surgery import build_layer, get_module, replace_all
 from .weights import with_module_versions
 
@@ -232,7 +232,7 @@ def _base_model(meta: dict[str, Any], model: nn.Module | None, path: Path) -> nn
             f"{path} was converted from a custom model ({base.name}); pass model= with an instance of it"
         )
     try:
-        return build_model(base.name, base.source, **base.kwargs)
+        return base.build()
     except Exception as exc:
         raise CheckpointError(f"cannot rebuild base model {base.source}:{base.name} ({exc})") from None
 

@@ -27,7 +27,7 @@ from . import catalog, report
 from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint, tensor_shapes
 from .converter import SelectionError, convert_model
 from .graph import ProbeError
-from .models import ModelNotFoundError, build_model, list_models, resolve_source
+from .models import BaseModel, ModelNotFoundError, build_model, list_models, resolve_source
 from .recipe import Recipe, RecipeError
 from .verify import Comparison, compare
 from .weights import WeightsError, load_weights
@@ -273,14 +273,7 @@ def verify_cmd(
     }
     check = None
     if weights is not None:
-        original = guarded(
-            debug,
-            lambda: (
-                base
-                if base is not None
-                else build_model(meta["base"]["name"], meta["base"]["source"], **meta["base"]["kwargs"])
-            ),
-        )
+        original = guarded(debug, lambda: base if base is not None else BaseModel.from_dict(meta["base"]).build())
         guarded(debug, lambda: load_weights(original, weights))
         check = compare(original.eval(), loaded, x)
         result["comparison"] = {**check.__dict__, "ok": check.ok}

@@ -33,6 +33,12 @@ class BaseModel:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def build(self) -> nn.Module:
+        """Rebuild this architecture from its zoo (random weights); custom models cannot be."""
+        if self.source == "custom":
+            raise ValueError(f"{self.name} is a custom model: pass an instance of it")
+        return build_model(self.name, self.source, **self.kwargs)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BaseModel:
         if data.get("source") not in SOURCES:

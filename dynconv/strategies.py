@@ -52,7 +52,7 @@ def mix_bias(bias: Tensor | None, routing: Tensor) -> Tensor | None:
     return (routing * bias.unsqueeze(0)).sum(1)
 
 
-def _add_bias(out: Tensor, biases: Tensor | None) -> Tensor:
+def add_bias(out: Tensor, biases: Tensor | None) -> Tensor:
     """Add a per-sample bias ``[B, C_out]`` in the output's dtype (autocast may differ)."""
     return out if biases is None else out + biases.to(out.dtype)[:, :, None, None]
 
@@ -146,7 +146,7 @@ def matmul(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
         return out.reshape(batch, c_out, height, width)
     cols = x.reshape(batch, g, c_in // g, height * width)
     out = kernels.reshape(batch, g, c_out // g, c_in // g) @ cols
-    return _add_bias(out.reshape(batch, c_out, height, width), biases)
+    return add_bias(out.reshape(batch, c_out, height, width), biases)
 
 
 def unfold(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
@@ -164,7 +164,7 @@ def unfold(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
         return out.reshape(batch, c_out, h_out, w_out)
     cols = cols.reshape(batch, g, cols.shape[1] // g, cols.shape[2])
     out = (kernels.reshape(batch, g, c_out // g, kernels.shape[2]) @ cols).reshape(batch, c_out, h_out, w_out)
-    return _add_bias(out, biases)
+    return add_bias(out, biases)
 
 
 def _unpadded_out(x: Tensor, geom: ConvGeometry) -> tuple[int, int]:
@@ -187,7 +187,7 @@ def output(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
     else:
         r = routing.reshape(batch, k, g, c_out // g).transpose(1, 2).unsqueeze(-1).unsqueeze(-1)
     out = (y * r.to(y.dtype)).sum(2).flatten(1, 2)
-    return _add_bias(out, mix_bias(bias, routing))
+    return add_bias(out, mix_bias(bias, routing))
 
 
 def _is_channels_last(x: Tensor) -> bool:

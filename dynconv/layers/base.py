@@ -20,7 +20,7 @@ from ..experts import DEFAULT_NOISE, upcycle
 from ..functional import STRATEGIES, dynamic_conv2d
 from ..geometry import ConvGeometry, IntPair, Padding, as_pair, tf_same_padding
 from ..standardization import WeightStandardization, standardized_routing
-from ..strategies import mix_bias
+from ..strategies import add_bias, mix_bias
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 #: TensorFlow's 'SAME' (timm ``Conv2dSame``): padding computed from each input's size.
@@ -194,8 +194,7 @@ class DynamicConv2d(nn.Module):
             self.weight, routing, self.standardize.eps, self.standardize.scale, self.gain
         )
         out = dynamic_conv2d(x, weight, std_routing, None, *conv_args, strategy=self.strategy)
-        bias = mix_bias(self.bias, routing)
-        return out if bias is None else out + bias.to(out.dtype)[:, :, None, None]
+        return add_bias(out, mix_bias(self.bias, routing))
 
     def layer_options(self) -> dict[str, Any]:
         """Everything beyond ``nn.Conv2d``'s arguments needed to rebuild this layer (JSON-able)."""
