@@ -7,6 +7,8 @@ checkpoints that rebuild without pickle.
 
 from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from .converter import ConversionResult, LayerRecord, SelectionError, SkipRecord, convert_model
+from .export import ExportError, ExportResult, export_onnx
+from .folding import FoldError, FoldResult, find_conv_bn_pairs, fold_batchnorm
 from .graph import ProbeError
 from .models import BaseModel, ModelNotFoundError, build_model, list_models
 from .recipe import Recipe, RecipeError, load_recipe
@@ -16,6 +18,10 @@ __all__ = [
     "BaseModel",
     "CheckpointError",
     "ConversionResult",
+    "ExportError",
+    "ExportResult",
+    "FoldError",
+    "FoldResult",
     "LayerRecord",
     "ModelNotFoundError",
     "ProbeError",
@@ -26,6 +32,9 @@ __all__ = [
     "WeightsError",
     "build_model",
     "convert_model",
+    "export_onnx",
+    "find_conv_bn_pairs",
+    "fold_batchnorm",
     "list_models",
     "load_checkpoint",
     "load_recipe",

@@ -27,6 +27,7 @@ from torch import nn
 import dynconv
 
 from .converter import CONVERSION_ATTR, Conversion, ConversionResult
+from .folding import FOLDED_ATTR
 from .models import BaseModel, tag_base
 from .surgery import build_layer, get_module, replace_all
 from .weights import with_module_versions
@@ -79,6 +80,13 @@ def _digest(tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> str:
     return sha.hexdigest()
 
 
+def _default_file_mode() -> int:
+    """The mode ``open()`` would give a new file under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def _conversion_of(source: ConversionResult | nn.Module) -> tuple[nn.Module, Conversion]:
     model = source.model if isinstance(source, ConversionResult) else source
     conversion = getattr(model, CONVERSION_ATTR, None)
@@ -86,6 +94,11 @@ def _conversion_of(source: ConversionResult | nn.Module) -> tuple[nn.Module, Con
         raise CheckpointError(
             "this model was not produced by convert.convert_model or convert.load_checkpoint, so nothing "
             "records its structure; convert it first"
+        )
+    if getattr(model, FOLDED_ATTR, None):
+        raise CheckpointError(
+            "this model has BatchNorm folded into its convs, a deployment form a checkpoint cannot rebuild; "
+            "save the model before folding and fold at export (dynconv export --fold-bn)"
         )
     return model, conversion
 
@@ -136,6 +149,7 @@ def save_checkpoint(
         save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes it owner-only; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

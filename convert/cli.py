@@ -1,4 +1,4 @@
-"""The ``dynconv`` command line: convert, inspect, verify, models, recipes.
+"""The ``dynconv`` command line: convert, inspect, verify, export, finetune, models, recipes.
 
 Exit codes: 0 success, 1 the work failed (verification fell short), 2 bad input.
 Every error is one sentence on stderr (a traceback only with ``--debug``), and no
@@ -13,24 +13,23 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, TypeVar
+from typing import Annotated, Any
 
 import torch
 import typer
-from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import dynconv
 
 from . import catalog, report
-from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint, tensor_shapes
-from .converter import SelectionError, convert_model
-from .graph import ProbeError
-from .models import BaseModel, ModelNotFoundError, build_model, list_models, resolve_source
-from .recipe import Recipe, RecipeError
-from .verify import Comparison, compare
-from .weights import WeightsError, load_weights
+from .checkpoint import load_checkpoint, read_metadata, save_checkpoint, tensor_shapes
+from .cli_common import T, UsageError, err, fail, fail_tolerance, guarded, out, steps
+from .cli_export import export_cmd
+from .converter import convert_model
+from .models import BaseModel, build_model, list_models, resolve_source
+from .recipe import Recipe
+from .verify import compare
+from .weights import load_weights
 
 app = typer.Typer(
     add_completion=False,
@@ -38,69 +37,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Turn the convs of a trained model into dynamic convolutions that start out computing the same function.",
 )
-out = Console()
-err = Console(stderr=True)
-T = TypeVar("T")
-
-#: Errors a user can cause: reported as one sentence, exit code 2.
-USER_ERRORS = (
-    ModelNotFoundError,
-    RecipeError,
-    WeightsError,
-    CheckpointError,
-    SelectionError,
-    ProbeError,
-    ValueError,
-    FileNotFoundError,
-)
-
-
-class UsageError(Exception):
-    """A bad option combination or path, found before any work is done."""
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"error: {message}", style="red", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def fail_tolerance(check: Comparison, what: str, consequence: str) -> NoReturn:
-    """Exit 1: a comparison with the original fell outside the contract's tolerance."""
-    fail(
-        f"{what} differs from the original model by {check.max_rel:.2e} (relative), beyond the 1e-4 tolerance; "
-        f"{consequence}",
-        code=1,
-    )
-
-
-def guarded(debug: bool, action: Callable[[], T]) -> T:
-    """Run ``action``; turn user errors into one line and exit code 2 (tracebacks with --debug)."""
-    try:
-        return action()
-    except (UsageError, *USER_ERRORS, RuntimeError) as exc:  # RuntimeError: e.g. offline --pretrained
-        if debug:
-            raise
-        fail(_sentence(exc))
-    except Exception as exc:  # anything else is our failure, not the user's: exit 1, still no traceback
-        if debug:
-            raise
-        fail(f"{type(exc).__name__}: {_sentence(exc)} (rerun with --debug for the traceback)", code=1)
-
-
-def _sentence(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _steps(enabled: bool) -> Progress:
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not enabled,
-    )
+app.command("export")(export_cmd)
 
 
 def default_output(model: str, kind: str, experts: int) -> Path:
@@ -177,7 +114,7 @@ def convert_cmd(
         return name, kwargs, spec, path
 
     name, kwargs, spec, path = guarded(debug, plan)
-    with _steps(not as_json) as progress:
+    with steps(not as_json) as progress:
 
         def step(text: str, fn: Callable[[], T]) -> T:
             task = progress.add_task(text)
@@ -348,7 +285,7 @@ def finetune_cmd(
         title=f"fine-tuning {checkpoint} on {data}",
         title_justify="left",
     )
-    with _steps(rank == 0) as bar:
+    with steps(rank == 0) as bar:
         task = bar.add_task("training")
 
         def on_step(step: int, steps: int, loss: float) -> None:

@@ -58,18 +58,18 @@ def depends_on_input(out: torch.Tensor) -> bool:
     return out.shape[0] > 1 and (out[0] - out[1]).abs().max().item() > 1e-3 * out.abs().max().item()
 
 
+def difference(expected: torch.Tensor, actual: torch.Tensor) -> tuple[float, float, bool]:
+    """``(max |diff|, max |diff| / max |expected|, within the contract's tolerance)``."""
+    diff = (actual.float() - expected.float()).abs().max().item()
+    scale = expected.float().abs().max().item()
+    return diff, diff / scale if scale > 0 else diff, diff <= REL_TOL * scale + ABS_TOL
+
+
 def compare(original: nn.Module, converted: nn.Module, x: torch.Tensor) -> Comparison:
     """Compare eval-mode outputs on ``x`` (a batch of at least two different inputs)."""
     expected = output(original, x)
-    actual = output(converted, x)
-    diff = (actual.float() - expected.float()).abs().max().item()
-    scale = expected.float().abs().max().item()
-    return Comparison(
-        max_abs=diff,
-        max_rel=diff / scale if scale > 0 else diff,
-        within_tolerance=diff <= REL_TOL * scale + ABS_TOL,
-        input_sensitive=depends_on_input(expected),
-    )
+    max_abs, max_rel, ok = difference(expected, output(converted, x))
+    return Comparison(max_abs, max_rel, ok, input_sensitive=depends_on_input(expected))
 
 
 def signal_preserving_init(model: nn.Module, seed: int = 0) -> nn.Module:

@@ -5,7 +5,8 @@ Runtime package: imports torch only, so a converted model needs nothing else to 
 
 from . import functional
 from .experts import upcycle
-from .functional import STRATEGIES, dynamic_conv2d, strategy_scope
+from .folding import fold_batchnorm_
+from .functional import EXPORTABLE_STRATEGIES, STRATEGIES, dynamic_conv2d, strategy_scope
 from .inspection import capture_routing, dynamic_layers
 from .layers import LAYERS, CondConv2d, DyConv2d, DynamicConv2d, DyNetConv2d, layer_class
 from .temperature import TemperatureSchedule, set_temperature
@@ -14,6 +15,7 @@ from .training import expert_parameters, other_parameters, parameter_groups, rou
 __version__ = "0.1.0"
 
 __all__ = [
+    "EXPORTABLE_STRATEGIES",
     "LAYERS",
     "STRATEGIES",
     "CondConv2d",
@@ -26,6 +28,7 @@ __all__ = [
     "dynamic_conv2d",
     "dynamic_layers",
     "expert_parameters",
+    "fold_batchnorm_",
     "functional",
     "layer_class",
     "other_parameters",

@@ -12,9 +12,9 @@ from torch import Tensor
 
 from . import strategies
 from .geometry import ConvGeometry, IntPair, Padding
-from .strategies import STRATEGIES, applicable, strategy_scope
+from .strategies import EXPORTABLE_STRATEGIES, STRATEGIES, applicable, strategy_scope
 
-__all__ = ["STRATEGIES", "dynamic_conv2d", "select_strategy", "strategy_scope"]
+__all__ = ["EXPORTABLE_STRATEGIES", "STRATEGIES", "dynamic_conv2d", "select_strategy", "strategy_scope"]
 
 
 def _check_shapes(input: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, groups: int) -> None:

@@ -19,7 +19,7 @@ def dynamic_layers(model: nn.Module) -> dict[str, DynamicConv2d]:
 def capture_routing(model: nn.Module) -> Iterator[dict[str, Tensor]]:
     """Record each dynamic layer's routing weights (detached) for forwards run in the block.
 
-    Yields a dict filled by name as layers run; outside the block nothing is kept.
+    Yields a dict that is filled by layer name when the block ends; the layers keep nothing after it.
     """
     layers = dynamic_layers(model)
     captured: dict[str, Tensor] = {}

@@ -27,6 +27,9 @@ class SigmoidRouter(nn.Module):
     converted model computes the same function in train mode too.
     """
 
+    #: Whether every input's routing weights sum to one (here: no, K/2 when zeroed).
+    sums_to_one = False
+
     def __init__(self, in_channels: int, experts: int, dropout: float = 0.0) -> None:
         super().__init__()
         if not 0.0 <= dropout < 1.0:
@@ -54,6 +57,8 @@ class SoftmaxRouter(nn.Module):
     The temperature is a buffer, so annealing it never recompiles a compiled model
     and a saved model keeps the value it was trained with.
     """
+
+    sums_to_one = True
 
     def __init__(
         self,
@@ -90,6 +95,8 @@ class SoftmaxRouter(nn.Module):
 class ChannelRouter(nn.Module):
     """DyNet coefficients: ``linear(GAP(x))`` as ``[B, K, C_out]``, softmax over the experts."""
 
+    sums_to_one = True
+
     def __init__(self, in_channels: int, out_channels: int, experts: int) -> None:
         super().__init__()
         self.experts = experts
@@ -105,5 +112,5 @@ class ChannelRouter(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.fc(global_pool(x)).unflatten(1, (self.experts, self.out_channels))
+        logits = self.fc(global_pool(x)).reshape(-1, self.experts, self.out_channels)  # batch stays symbolic
         return torch.softmax(logits, dim=1)

@@ -40,7 +40,7 @@ def mix_kernels(weight: Tensor, routing: Tensor) -> Tensor:
         mixed = routing @ weight.reshape(k, -1)
     else:
         mixed = torch.einsum("bko,kon->bon", routing, weight.reshape(k, c_out, -1))
-    return mixed.reshape(routing.shape[0], *weight.shape[1:])
+    return mixed.reshape(-1, *weight.shape[1:])  # -1: an exported graph keeps the batch dynamic
 
 
 def mix_bias(bias: Tensor | None, routing: Tensor) -> Tensor | None:
@@ -202,6 +202,10 @@ STRATEGIES: dict[str, StrategyFn] = {
     "unfold": unfold,
     "output": output,
 }
+
+#: Strategies whose graph does not depend on the batch size: inside
+#: ``strategy_scope(*EXPORTABLE_STRATEGIES)`` an ONNX export keeps the batch axis dynamic.
+EXPORTABLE_STRATEGIES = ("matmul", "unfold", "output")
 
 
 def applicable(name: str, batch: int, geom: ConvGeometry) -> bool:

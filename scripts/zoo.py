@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -343,6 +344,11 @@ def main() -> None:
         results[model] = sweep_one(
             model[0], model[1], kinds, args.size, args.timeout, args.memory_gib, args.max_conv_params
         )
+        if args.merge:  # say which rows ran with other limits than the sweep's header states
+            alone = f"re-run alone with {args.memory_gib:g} GiB and {args.timeout} s"
+            for r in results[model]:
+                key = "error" if "error" in r else "note"
+                r[key] = "; ".join(filter(None, [r.get(key, ""), alone]))
         fails = [r["kind"] for r in results[model] if not passed(r)]
         status = "ok" if not fails else f"FAIL {fails}"
         print(f"[{len(results)}/{len(models)}] {model[0]}:{model[1]} {status}", flush=True)
@@ -350,14 +356,19 @@ def main() -> None:
     with ThreadPoolExecutor(args.workers) as pool:
         list(pool.map(job, models))
     elapsed = time.perf_counter() - start
+    memory, timeout = args.memory_gib, args.timeout
     if args.merge and args.out.exists():
-        previous, previous_elapsed = parse_table(args.out.read_text())
+        text = args.out.read_text()
+        previous, previous_elapsed = parse_table(text)
+        limits = re.search(r"at most ([\d.]+) GiB and (\d+) s per model", text)
+        if limits:  # the header keeps the sweep's own limits; re-run rows say theirs
+            memory, timeout = float(limits[1]), int(limits[2])
         for model, rows in results.items():  # overlay the re-run kinds, keep the others
             kept = [r for r in previous.get(model, []) if r["kind"] not in {row["kind"] for row in rows}]
             previous[model] = sorted(kept + rows, key=lambda r: KINDS.index(r["kind"]))
         results, elapsed = previous, previous_elapsed + elapsed
         kinds = [k for k in KINDS if any(r["kind"] == k for rows in results.values() for r in rows)]
-    print(write_table(results, kinds, args.out, elapsed, args.memory_gib, args.timeout))
+    print(write_table(results, kinds, args.out, elapsed, memory, timeout))
     print(f"wrote {args.out}")
 
 

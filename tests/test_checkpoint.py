@@ -102,6 +102,15 @@ def test_interrupted_write_leaves_the_old_file_and_no_debris(saved, resnet_resul
     assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
 
 
+def test_the_written_file_has_the_umask_mode_not_mkstemps(saved) -> None:
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o666 & ~umask
+
+
 def test_missing_folder_is_refused(resnet_result, tmp_path) -> None:
     with pytest.raises(convert.CheckpointError, match="does not exist"):
         convert.save_checkpoint(resnet_result, tmp_path / "nope" / "x.safetensors")

@@ -87,6 +87,9 @@ class DynamicConv2d(nn.Module):
         #: The router options in force, defaults included (recorded in checkpoints).
         self.router_options: dict[str, Any] = dict(bound.arguments)
         self.router = self._build_router(**router_options).to(**factory)
+        #: ``[C_out]`` added after the mixed convolution; only a folded BatchNorm's shift
+        #: under routing that does not sum to one needs it (see :mod:`dynconv.folding`).
+        self.static_bias: nn.Parameter | None = None
         self._strategy: str | None = None
         #: When True, ``last_routing`` keeps a detached copy of the latest routing weights.
         self.capture_routing = False
@@ -167,6 +170,26 @@ class DynamicConv2d(nn.Module):
         layer.train(conv.training)
         return layer
 
+    def _apply(self, fn: Any, recurse: bool = True) -> DynamicConv2d:
+        """Let ``model.to(memory_format=torch.channels_last)`` pass over the 5-D expert bank.
+
+        ``Module.to`` asks every 4-D and 5-D tensor for the memory format, and a 5-D
+        tensor cannot be channels_last. The bank is converted as its 4-D view (so device
+        and dtype still apply) and kept contiguous: the core mixes it as a matrix anyway.
+        """
+
+        def convert(t: Tensor) -> Tensor:
+            if t.dim() != 5:
+                return fn(t)
+            try:
+                return fn(t)
+            except RuntimeError as exc:
+                if "channels_last" not in str(exc):
+                    raise
+                return fn(t.flatten(0, 1)).reshape(t.shape).contiguous()
+
+        return super()._apply(convert, recurse)
+
     def route(self, x: Tensor) -> Tensor:
         """Routing weights for ``x``: ``[B, K]``, or ``[B, K, C_out]`` per output channel."""
         return self.router(x)
@@ -189,12 +212,16 @@ class DynamicConv2d(nn.Module):
         x, padding = self._pad_input(x)
         conv_args = (self.stride, padding, self.dilation, self.groups)
         if self.standardize is None:
-            return dynamic_conv2d(x, self.weight, routing, self.bias, *conv_args, strategy=self.strategy)
-        weight, std_routing = standardized_routing(
-            self.weight, routing, self.standardize.eps, self.standardize.scale, self.gain
-        )
-        out = dynamic_conv2d(x, weight, std_routing, None, *conv_args, strategy=self.strategy)
-        return add_bias(out, mix_bias(self.bias, routing))
+            out = dynamic_conv2d(x, self.weight, routing, self.bias, *conv_args, strategy=self.strategy)
+        else:
+            weight, std_routing = standardized_routing(
+                self.weight, routing, self.standardize.eps, self.standardize.scale, self.gain
+            )
+            out = dynamic_conv2d(x, weight, std_routing, None, *conv_args, strategy=self.strategy)
+            out = add_bias(out, mix_bias(self.bias, routing))
+        if self.static_bias is not None:
+            out = out + self.static_bias.to(out.dtype)[:, None, None]
+        return out
 
     def layer_options(self) -> dict[str, Any]:
         """Everything beyond ``nn.Conv2d``'s arguments needed to rebuild this layer (JSON-able)."""
@@ -222,6 +249,8 @@ class DynamicConv2d(nn.Module):
             text += f", padding_mode={self.padding_mode!r}"
         if self.standardize is not None:
             text += f", standardize={self.standardize}"
+        if self.static_bias is not None:
+            text += ", static_bias=True"
         if self.strategy is not None:
             text += f", strategy={self.strategy!r}"
         return text
