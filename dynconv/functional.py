@@ -62,7 +62,8 @@ def select_strategy(
     """The strategy the core would run for this call (honours :func:`strategy_scope`)."""
     batch, c_in, height, width = input.shape
     out_hw = geom.output_size(height, width)
-    return strategies.choose(batch, c_in, out_hw, geom, needs_grad)
+    kernel_bytes = weight[0].numel() * weight.element_size()
+    return strategies.choose(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, weight.shape[0])
 
 
 def dynamic_conv2d(

@@ -38,8 +38,11 @@ def mix_kernels(weight: Tensor, routing: Tensor) -> Tensor:
     k, c_out = weight.shape[:2]
     if routing.dim() == 2:
         mixed = routing @ weight.reshape(k, -1)
-    else:
-        mixed = torch.einsum("bko,kon->bon", routing, weight.reshape(k, c_out, -1))
+    else:  # per output channel: K multiply-adds give a contiguous result (einsum's is o-major, 4x slower to convolve)
+        experts = weight.reshape(k, 1, c_out, -1)
+        mixed = routing[:, 0, :, None] * experts[0]
+        for i in range(1, k):
+            mixed.addcmul_(routing[:, i, :, None], experts[i])
     return mixed.reshape(-1, *weight.shape[1:])  # -1: an exported graph keeps the batch dynamic
 
 
@@ -243,14 +246,24 @@ def allowed_strategies() -> tuple[str, ...] | None:
     return getattr(_scope, "allowed", None)
 
 
-def preference(batch: int, c_in: int, out_hw: tuple[int, int], geom: ConvGeometry, needs_grad: bool) -> tuple[str, ...]:
+def preference(
+    batch: int,
+    c_in: int,
+    out_hw: tuple[int, int],
+    geom: ConvGeometry,
+    needs_grad: bool,
+    kernel_bytes: int = 0,
+    experts: int = 4,
+) -> tuple[str, ...]:
     """Strategies in the order this machine's measurements favour for the call's shape.
 
-    The order comes from ``benchmarks/core.py`` (2-thread CPU, see
-    ``benchmarks/results/core.md``): 1x1 kernels are fastest as a batched matmul,
+    The order comes from ``benchmarks/core.py`` and ``benchmarks/models.py`` (2-thread
+    CPU, see ``benchmarks/results/``): 1x1 kernels are fastest as a batched matmul,
     even at batch 1; other kernels at batch 1 as one plain conv; otherwise chunks of
-    the batch folded into conv groups, except training on very small maps, where
-    im2col + batched matmul wins.
+    the batch folded into conv groups, except on very small maps: training there is
+    fastest as im2col + batched matmul, and inference with big kernels (ResNet-18
+    layer4) as output mixing, whose K-fold MACs cost less than writing a 9 MB mixed
+    kernel per sample.
     """
     pixels = out_hw[0] * out_hw[1]
     per_group_in = c_in // geom.groups
@@ -260,20 +273,35 @@ def preference(batch: int, c_in: int, out_hw: tuple[int, int], geom: ConvGeometr
         return ("single", "grouped", "loop", "unfold", "output")
     if per_group_in == 1:
         return ("grouped", "loop", "output", "unfold")
+    small = pixels * experts <= SMALL_MAP_PIXELS * 4  # K=4: maps up to 8x8
     if needs_grad and pixels <= SMALL_MAP_PIXELS:
         return ("unfold", "grouped", "loop", "output")
+    if small and kernel_bytes >= OUTPUT_MIN_KERNEL_BYTES:
+        return ("output", "grouped", "unfold", "loop")
     return ("grouped", "unfold", "loop", "output")
 
 
 # Training on maps this small (ResNet-18 layer4, 7x7) is fastest as im2col + bmm,
 # whose weight gradient is one batched matmul instead of B small ones.
 SMALL_MAP_PIXELS = 8 * 8
+# Inference on small maps: output mixing beats the fold from per-sample kernels this big
+# (ResNet-18 layer4, 512x512x3x3 fp32 = 9 MB: 57 vs 114 ms at batch 16; 256 channels,
+# 2.4 MB: 12 vs 10 ms, so the fold stays).
+OUTPUT_MIN_KERNEL_BYTES = 4 * 2**20
 
 
-def choose(batch: int, c_in: int, out_hw: tuple[int, int], geom: ConvGeometry, needs_grad: bool) -> str:
+def choose(
+    batch: int,
+    c_in: int,
+    out_hw: tuple[int, int],
+    geom: ConvGeometry,
+    needs_grad: bool,
+    kernel_bytes: int = 0,
+    experts: int = 4,
+) -> str:
     """The strategy to run: the first preferred one the active scope allows."""
     allowed = allowed_strategies()
-    for name in preference(batch, c_in, out_hw, geom, needs_grad):
+    for name in preference(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, experts):
         if (allowed is None or name in allowed) and applicable(name, batch, geom):
             return name
     if allowed is not None:

@@ -84,6 +84,7 @@ def all_models() -> list[tuple[str, str]]:
 
 def run_one(source: str, name: str, kinds: list[str], size: int, conv_budget: int = CONV_PARAM_BUDGET) -> list[dict]:
     """Convert ``name`` with each kind and check it; returns one row per kind."""
+    import gc
     import tempfile
 
     import torch
@@ -110,6 +111,8 @@ def run_one(source: str, name: str, kinds: list[str], size: int, conv_budget: in
         signal_preserving_init(base)
     rows = []
     for kind in kinds:
+        result = model = loaded = None  # one converted model alive at a time: the largest fit only so
+        gc.collect()
         start = time.perf_counter()
         row = {"kind": kind, "size": shape[1]}
         try:
@@ -125,10 +128,13 @@ def run_one(source: str, name: str, kinds: list[str], size: int, conv_budget: in
             row["equal"] = check.ok
             if not check.input_sensitive:
                 row["note"] = "output does not depend on the input: comparison would be vacuous"
+            expected = output(model, x)
             with tempfile.TemporaryDirectory() as tmp:
                 path = convert.save_checkpoint(result, Path(tmp) / "m.safetensors")
+                del result  # its model is ``model``; free what is not needed before reloading
                 loaded = convert.load_checkpoint(path)
-                row["checkpoint"] = bool(torch.equal(output(loaded, x), output(model, x)))
+                row["checkpoint"] = bool(torch.equal(output(loaded, x), expected))
+                del loaded
             row["train"] = _train_ok(model, x, dynconv)
         except Exception as exc:  # record, do not stop: the table lists every failure's reason
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -173,7 +179,7 @@ def _train_ok(model, x, dynconv, max_steps: int = 4) -> bool:
     layers = dynconv.dynamic_layers(model)
     dynconv.set_temperature(model, 1.0)
     # Adam: scale-free steps, so routers move even where layer scale (1e-6) shrinks gradients.
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)  # no model-sized temporaries
     model.train()
     reached: set[str] = set()
     separated = False

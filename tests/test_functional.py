@@ -247,6 +247,19 @@ def test_selection_follows_measured_preferences(kernel, groups, c_in, batch, gra
     assert select_strategy(x, w, geom, needs_grad=grad) == expected
 
 
+@pytest.mark.parametrize(
+    ("c_out", "experts", "grad", "expected"),
+    [(512, 4, False, "output"), (512, 4, True, "unfold"), (256, 4, False, "grouped"), (512, 8, False, "grouped")],
+)
+def test_inference_on_small_maps_with_big_kernels_mixes_outputs(c_out, experts, grad, expected) -> None:
+    """ResNet-18 layer4 at batch 16: K-fold MACs cost less than writing a 9 MB kernel per sample."""
+    x = torch.empty(16, 512, 7, 7)
+    w = torch.empty(experts, c_out, 512 if c_out == 512 else 256, 3, 3)
+    x = x[:, : w.shape[2]]
+    geom = ConvGeometry.build((3, 3), 1, 1, 1, 1)
+    assert select_strategy(x, w, geom, needs_grad=grad) == expected
+
+
 def test_strategy_scope_keeps_batch_out_of_conv_groups() -> None:
     x, w1, w3 = torch.randn(4, 8, 6, 6), torch.randn(2, 8, 8, 1, 1), torch.randn(2, 8, 8, 3, 3)
     dw = torch.randn(2, 8, 1, 3, 3)
