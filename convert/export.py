@@ -11,7 +11,6 @@ only if every check is within the contract's tolerance.
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 import time
@@ -155,11 +154,14 @@ def export_onnx(
         raise ValueError(f"check batch sizes must be positive, got {list(check_batches)}")
     ort = _onnxruntime()
     input_shape = tuple(input_shape or default_input_size(model))  # type: ignore[assignment]
-    reference = model
     folded = fold_batchnorm(model) if fold_bn else None
-    target = folded.model if folded else copy.deepcopy(model).eval()
+    target = folded.model if folded else model
     example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(1))
-    program = _trace(target, example, opset)
+    was_training = target.training
+    try:  # export the eval-mode model in place: no copy of a possibly large model
+        program = _trace(target.eval(), example, opset)
+    finally:
+        target.train(was_training)
     program.model.metadata_props["dynconv.version"] = dynconv.__version__
     program.model.metadata_props["dynconv.dynamic_layers"] = str(len(dynconv.dynamic_layers(target)))
     program.model.metadata_props["dynconv.folded_batchnorms"] = str(len(folded.folded) if folded else 0)
@@ -169,7 +171,7 @@ def export_onnx(
         options = ort.SessionOptions()
         options.log_severity_level = 3
         session = ort.InferenceSession(str(staged), options, providers=["CPUExecutionProvider"])
-        checks = _check(session, reference, input_shape, check_batches)
+        checks = _check(session, model, input_shape, check_batches)
         del session
         bad = [c for c in checks if not c.ok]
         if bad:

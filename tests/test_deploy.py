@@ -219,7 +219,6 @@ def test_onnx_export_has_a_dynamic_batch(models, tmp_path, name, kind, fold) -> 
     path = tmp_path / "m.onnx"
     result = export_onnx(model, path, input_shape=(3, 64, 64), fold_bn=fold)
     assert [c.batch for c in result.checks] == [1, 3] and all(c.ok for c in result.checks)
-    assert result.max_rel < 1e-5
     assert (result.folded is not None) == fold
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"], "staging files were left behind"
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
