@@ -58,9 +58,10 @@ def forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def measure_model(name: str, rounds: int, budget: float, compile_: bool) -> dict[tuple[int, str, str], float]:
+def measure_model(
+    name: str, models: dict[str, nn.Module], rounds: int, budget: float, compile_: bool
+) -> dict[tuple[int, str, str], float]:
     """``(batch, variant, mode) -> ms``; mode is eager, channels_last or compiled."""
-    models = variants(name)
     results: dict[tuple[int, str, str], float] = {}
     for batch in BATCHES:
         x = torch.randn(batch, 3, SIZE, SIZE)
@@ -83,9 +84,8 @@ def measure_model(name: str, rounds: int, budget: float, compile_: bool) -> dict
     return results
 
 
-def layer_breakdown(name: str, kind: str, batch: int, rounds: int) -> list[dict]:
+def layer_breakdown(models: dict[str, nn.Module], kind: str, batch: int, rounds: int) -> list[dict]:
     """Each converted conv vs its original, on the input it sees in the model: ms and strategy."""
-    models = variants(name)
     static, dynamic = models["static"], models[kind]
     inputs: dict[str, torch.Tensor] = {}
     hooks = [
@@ -162,8 +162,11 @@ def main() -> None:
     names = ("resnet18",) if args.quick else MODELS
     rounds, budget = (3, 0.3) if args.quick else (7, 1.0)
     start = time.perf_counter()
-    results = {n: measure_model(n, rounds, budget, not args.no_compile) for n in names}
-    breakdowns = {(n, k): layer_breakdown(n, k, BATCHES[-1], rounds) for n in names if n in TARGETS for k in KINDS}
+    built = {n: variants(n) for n in names}  # converted once, measured whole and per layer
+    results = {n: measure_model(n, built[n], rounds, budget, not args.no_compile) for n in names}
+    breakdowns = {
+        (n, k): layer_breakdown(built[n], k, BATCHES[-1], rounds) for n in names if n in TARGETS for k in KINDS
+    }
     elapsed = time.perf_counter() - start
     modes = ["eager", "channels_last"] + ([] if args.no_compile else ["compiled"])
     env = (

@@ -23,7 +23,7 @@ import dynconv
 
 from . import catalog, report
 from .checkpoint import load_checkpoint, read_metadata, save_checkpoint, tensor_shapes
-from .cli_common import T, UsageError, err, fail, fail_tolerance, guarded, out, steps
+from .cli_common import T, UsageError, check_output, err, fail, fail_tolerance, guarded, out, steps
 from .cli_export import export_cmd
 from .converter import convert_model
 from .models import BaseModel, build_model, list_models, resolve_source
@@ -44,18 +44,6 @@ def default_output(model: str, kind: str, experts: int) -> Path:
     """``MODEL-KIND-KE.safetensors``, e.g. ``resnet18-condconv-4e.safetensors``."""
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", model.rsplit(":", 1)[-1].rsplit(".", 1)[-1])
     return Path(f"{stem}-{kind}-{experts}e.safetensors")
-
-
-def _check_output(path: Path, force: bool) -> None:
-    if path.exists() and not force:
-        raise UsageError(f"output {path} already exists; pass --force to overwrite it or --output to choose another")
-    if path.exists() and path.is_dir():
-        raise UsageError(f"output {path} is a folder; give a file name with --output")
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise UsageError(f"output folder {folder} does not exist; create it or choose another --output")
-    if not os.access(folder, os.W_OK):
-        raise UsageError(f"output folder {folder} is not writable; choose another --output")
 
 
 def _load_recipe(recipe: str | None) -> Recipe | None:
@@ -110,7 +98,7 @@ def convert_cmd(
         final_experts = experts or (defaults.experts if defaults and defaults.experts else 4)
         path = output or default_output(name, final_kind, final_experts)
         if not dry_run:
-            _check_output(path, force)
+            check_output(path, force, "--output")
         return name, kwargs, spec, path
 
     name, kwargs, spec, path = guarded(debug, plan)

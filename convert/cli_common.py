@@ -7,6 +7,7 @@ stderr (a traceback only with ``--debug``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import typer
@@ -15,6 +16,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from .checkpoint import CheckpointError
 from .converter import SelectionError
+from .errors import check_output_path, first_line
 from .export import ExportDependencyError, ExportError
 from .graph import ProbeError
 from .models import ModelNotFoundError
@@ -68,20 +70,23 @@ def guarded(debug: bool, action: Callable[[], T]) -> T:
     except WORK_FAILURES as exc:  # the inputs were fine; the work fell short (exit 1, nothing written)
         if debug:
             raise
-        fail(_sentence(exc), code=1)
+        fail(first_line(exc), code=1)
     except (UsageError, *USER_ERRORS, RuntimeError) as exc:  # RuntimeError: e.g. offline --pretrained
         if debug:
             raise
-        fail(_sentence(exc))
+        fail(first_line(exc))
     except Exception as exc:  # anything else is our failure, not the user's: exit 1, still no traceback
         if debug:
             raise
-        fail(f"{type(exc).__name__}: {_sentence(exc)} (rerun with --debug for the traceback)", code=1)
+        fail(f"{type(exc).__name__}: {first_line(exc)} (rerun with --debug for the traceback)", code=1)
 
 
-def _sentence(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def check_output(path: Path, force: bool, option: str) -> None:
+    """:func:`~convert.errors.check_output_path` for a command: a refusal is a usage error (exit 2)."""
+    try:
+        check_output_path(path, force, force="--force", option=option)
+    except OSError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def steps(enabled: bool) -> Progress:

@@ -11,8 +11,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .checkpoint import load_checkpoint, read_metadata
-from .cli_common import UsageError, guarded, out, steps
-from .export import CHECK_BATCHES, ExportResult, check_output_path, export_onnx
+from .cli_common import UsageError, check_output, guarded, out, steps
+from .export import CHECK_BATCHES, ExportResult, export_onnx
 from .models import build_model
 
 
@@ -69,10 +69,7 @@ def export_cmd(
             raise UsageError(f"--onnx {onnx} should end in .onnx")
         if batch is not None and min(batch) < 1:
             raise UsageError(f"--batch sizes must be positive, got {batch}")
-        try:
-            check_output_path(onnx, force, force_hint="--force")
-        except OSError as exc:
-            raise UsageError(str(exc)) from None
+        check_output(onnx, force, "--onnx")
         channels, height, width = read_metadata(checkpoint)["input_shape"]
         if input_size is not None:
             height = width = input_size

@@ -24,6 +24,7 @@ from torch import nn
 
 import dynconv
 
+from .errors import check_output_path, first_line
 from .folding import FoldResult, fold_batchnorm
 from .verify import difference, output
 
@@ -60,10 +61,6 @@ class ExportResult:
     folded: FoldResult | None = None
     seconds: float = 0.0
 
-    @property
-    def max_rel(self) -> float:
-        return max((c.max_rel for c in self.checks), default=0.0)
-
 
 def _onnxruntime():  # the module; imported late because export is an optional extra
     try:
@@ -75,16 +72,6 @@ def _onnxruntime():  # the module; imported late because export is an optional e
             "install them with pip install 'dynconv[export]'"
         ) from None
     return onnxruntime
-
-
-def check_output_path(path: Path, overwrite: bool, force_hint: str = "overwrite=True") -> None:
-    """Refuse, before any work, an output that exists (unless ``overwrite``) or has no folder."""
-    if path.is_dir():
-        raise IsADirectoryError(f"output {path} is a folder; give a .onnx file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"output {path} already exists; pass {force_hint} to replace it")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"output folder {path.parent} does not exist; create it or choose another output")
 
 
 def _trace(model: nn.Module, example: torch.Tensor, opset: int | None) -> torch.onnx.ONNXProgram:
@@ -103,8 +90,7 @@ def _trace(model: nn.Module, example: torch.Tensor, opset: int | None) -> torch.
                 verbose=False,
             )
         except Exception as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ExportError(f"torch.onnx could not export {type(model).__name__}: {first}") from None
+            raise ExportError(f"torch.onnx could not export {type(model).__name__}: {first_line(exc)}") from None
 
 
 def _check(
@@ -118,8 +104,9 @@ def _check(
         try:
             actual = torch.from_numpy(session.run(None, {"input": x.numpy()})[0])  # type: ignore[attr-defined]
         except Exception as exc:  # e.g. a batch size baked into the graph
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ExportError(f"the exported graph does not run in ONNX Runtime at batch {batch}: {first}") from None
+            raise ExportError(
+                f"the exported graph does not run in ONNX Runtime at batch {batch}: {first_line(exc)}"
+            ) from None
         if tuple(actual.shape) != tuple(expected.shape):
             raise ExportError(
                 f"ONNX Runtime returned shape {tuple(actual.shape)} at batch {batch}, PyTorch {tuple(expected.shape)}"

@@ -21,6 +21,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from dynconv import DynamicConv2d, fold_batchnorm_
 
 from .adapters import UnsupportedConvError, conversion_options
+from .errors import first_line
 from .surgery import set_module
 
 #: Attribute a folded model carries: the folded ``(conv, batchnorm)`` name pairs.
@@ -84,9 +85,8 @@ def trace(model: nn.Module) -> fx.Graph:
     try:
         return _LeafTracer().trace(model)
     except Exception as exc:  # fx raises anything from TraceError to TypeError on data-dependent code
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise FoldError(
-            f"{type(model).__name__} does not trace with torch.fx ({first}), so its conv -> BatchNorm pairs "
+            f"{type(model).__name__} does not trace with torch.fx ({first_line(exc)}), so its conv -> BatchNorm pairs "
             "cannot be found from the graph"
         ) from None
 
