@@ -14,8 +14,7 @@ from typing import Any
 from torch import nn
 from torch.nn.utils import parametrize
 
-from dynconv.layers.base import TF_SAME
-from dynconv.standardization import WeightStandardization
+from dynconv import TF_SAME, WeightStandardization
 
 # timm class name -> (TF 'same' padding, weight standardisation kind)
 _TIMM_CONVS: dict[str, tuple[bool, str | None]] = {

@@ -151,8 +151,7 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> FoldResult:
         conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
         try:
             if isinstance(conv, DynamicConv2d):
-                fold_batchnorm_(conv, bn)
-                shift = "bias" if conv.router.sums_to_one else "static_bias"
+                shift = fold_batchnorm_(conv, bn)
                 kind = conv.kind
             else:
                 set_module(model, conv_name, _fold_static(conv, bn))

@@ -8,7 +8,21 @@ from .experts import upcycle
 from .folding import fold_batchnorm_
 from .functional import EXPORTABLE_STRATEGIES, STRATEGIES, dynamic_conv2d, strategy_scope
 from .inspection import capture_routing, dynamic_layers
-from .layers import LAYERS, CondConv2d, DyConv2d, DynamicConv2d, DyNetConv2d, layer_class
+from .layers import (
+    LAYERS,
+    Bounds,
+    CondConv2d,
+    DyConv2d,
+    DynamicConv2d,
+    DyNetConv2d,
+    KindInfo,
+    OptionSpec,
+    layer_class,
+    register,
+)
+from .layers.base import TF_SAME
+from .routing import Router
+from .standardization import WeightStandardization
 from .temperature import TemperatureSchedule, set_temperature
 from .training import expert_parameters, other_parameters, parameter_groups, router_parameters, set_trainable
 
@@ -18,11 +32,17 @@ __all__ = [
     "EXPORTABLE_STRATEGIES",
     "LAYERS",
     "STRATEGIES",
+    "TF_SAME",
+    "Bounds",
     "CondConv2d",
     "DyConv2d",
     "DyNetConv2d",
     "DynamicConv2d",
+    "KindInfo",
+    "OptionSpec",
+    "Router",
     "TemperatureSchedule",
+    "WeightStandardization",
     "__version__",
     "capture_routing",
     "dynamic_conv2d",
@@ -33,6 +53,7 @@ __all__ = [
     "layer_class",
     "other_parameters",
     "parameter_groups",
+    "register",
     "router_parameters",
     "set_temperature",
     "set_trainable",

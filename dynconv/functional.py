@@ -101,6 +101,6 @@ def dynamic_conv2d(
     if not torch.is_autocast_enabled(input.device.type):
         routing = routing.to(weight.dtype)
     out = STRATEGIES[strategy](input, weight, routing, bias, geom)
-    if strategies._is_channels_last(input):
+    if strategies.is_channels_last(input):
         return out.contiguous(memory_format=torch.channels_last)
     return out.contiguous()

@@ -9,9 +9,31 @@ computing exactly what the original convolution did.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+
+class Router(nn.Module):
+    """The contract every router keeps, so a layer built from a trained conv starts exact.
+
+    - ``forward(x)`` maps an input batch to routing weights;
+    - ``zero_()`` makes those weights the same for every input (and returns the router);
+    - ``uniform_total()`` is the sum of the weights over the experts once zeroed, so
+      ``from_conv`` can scale the experts by its inverse;
+    - ``sums_to_one`` says whether every input's weights sum to one (softmax), which
+      decides where a folded BatchNorm's shift can go.
+    """
+
+    sums_to_one: ClassVar[bool] = True
+
+    def zero_(self) -> Router:
+        raise NotImplementedError
+
+    def uniform_total(self) -> float:
+        raise NotImplementedError
 
 
 def global_pool(x: Tensor) -> Tensor:
@@ -19,7 +41,7 @@ def global_pool(x: Tensor) -> Tensor:
     return x.mean(dim=(2, 3))
 
 
-class SigmoidRouter(nn.Module):
+class SigmoidRouter(Router):
     """CondConv routing: ``sigmoid(linear(dropout(GAP(x))))``, one weight per expert in (0, 1).
 
     Dropout acts on the pooled features that feed the router (CondConv's routing
@@ -27,8 +49,7 @@ class SigmoidRouter(nn.Module):
     converted model computes the same function in train mode too.
     """
 
-    #: Whether every input's routing weights sum to one (here: no, K/2 when zeroed).
-    sums_to_one = False
+    sums_to_one = False  # K/2 when zeroed
 
     def __init__(self, in_channels: int, experts: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -50,7 +71,7 @@ class SigmoidRouter(nn.Module):
         return torch.sigmoid(self.fc(self.dropout(global_pool(x))))
 
 
-class SoftmaxRouter(nn.Module):
+class SoftmaxRouter(Router):
     """DyConv attention: ``softmax(fc2(relu(fc1(GAP(x)))) / T)`` over the experts.
 
     ``fc1`` reduces the channels by ``reduction`` (at least ``min_hidden`` wide).
@@ -92,7 +113,7 @@ class SoftmaxRouter(nn.Module):
         return torch.softmax(logits / self.temperature.to(logits.dtype), dim=1)
 
 
-class ChannelRouter(nn.Module):
+class ChannelRouter(Router):
     """DyNet coefficients: ``linear(GAP(x))`` as ``[B, K, C_out]``, softmax over the experts."""
 
     sums_to_one = True

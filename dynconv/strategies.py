@@ -138,7 +138,7 @@ def matmul(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
     c_out = kernels.shape[1]
     biases = mix_bias(bias, routing)
     g = geom.groups
-    if g == 1 and _is_channels_last(x):
+    if g == 1 and is_channels_last(x):
         pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, c_in)
         kt = kernels.transpose(1, 2)
         out = pixels @ kt if biases is None else torch.baddbmm(biases.unsqueeze(1), pixels, kt)
@@ -193,7 +193,7 @@ def output(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
     return add_bias(out, mix_bias(bias, routing))
 
 
-def _is_channels_last(x: Tensor) -> bool:
+def is_channels_last(x: Tensor) -> bool:
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 

@@ -17,15 +17,13 @@ from .inspection import dynamic_layers
 def router_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """Parameters of every dynamic layer's router."""
     for layer in dynamic_layers(model).values():
-        yield from layer.router.parameters()
+        yield from layer.router_parameters()
 
 
 def expert_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
-    """Every dynamic layer's experts (``weight``), their ``bias`` and standardisation ``gain``."""
+    """Every dynamic layer's kernels: experts (``weight``), their ``bias``, a standardisation ``gain``."""
     for layer in dynamic_layers(model).values():
-        for p in (layer.weight, layer.bias, layer.gain):
-            if p is not None:
-                yield p
+        yield from layer.expert_parameters()
 
 
 def other_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

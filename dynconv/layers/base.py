@@ -1,6 +1,9 @@
 """What every dynamic convolution shares: ``nn.Conv2d``'s arguments, experts, the core call.
 
-A subclass only says how it routes (``_build_router``). Attributes mirror
+A subclass says how it routes (``_build_router``, whose keyword parameters are the
+kind's options, see :mod:`dynconv.layers.spec`) and describes itself (``info``).
+Kinds whose kernel is not a routed mixture of ``K`` experts override ``forward``,
+``from_conv``, ``fold_affine_`` and the parameter roles. Attributes mirror
 ``nn.Conv2d`` (``in_channels``, ``kernel_size``, ``padding_mode`` ...) so code that
 inspects convolutions keeps working; ``weight`` is ``[K, C_out, C_in/groups, kH, kW]``
 and ``bias`` is ``[K, C_out]``.
@@ -19,8 +22,10 @@ from torch.nn import functional as F
 from ..experts import DEFAULT_NOISE, upcycle
 from ..functional import STRATEGIES, dynamic_conv2d
 from ..geometry import ConvGeometry, IntPair, Padding, as_pair, tf_same_padding
+from ..routing import Router
 from ..standardization import WeightStandardization, standardized_routing
 from ..strategies import add_bias, mix_bias
+from .spec import KindInfo, OptionSpec, option_specs
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 #: TensorFlow's 'SAME' (timm ``Conv2dSame``): padding computed from each input's size.
@@ -31,6 +36,10 @@ class DynamicConv2d(nn.Module):
     """Base class: a ``Conv2d`` whose kernel is mixed per sample from ``experts`` kernels."""
 
     kind: ClassVar[str] = ""
+    #: Plain-text description for ``dynconv kinds``.
+    info: ClassVar[KindInfo]
+    #: Whether the kind has a bank of ``experts`` kernels (``experts`` is one of its options).
+    has_experts: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -84,9 +93,12 @@ class DynamicConv2d(nn.Module):
         )
         bound = inspect.signature(self._build_router).bind(**router_options)
         bound.apply_defaults()
+        for spec in self.option_specs().values():
+            if spec.bounds is not None:
+                spec.bounds.check(spec.name, bound.arguments[spec.name])
         #: The router options in force, defaults included (recorded in checkpoints).
         self.router_options: dict[str, Any] = dict(bound.arguments)
-        self.router = self._build_router(**router_options).to(**factory)
+        self.router: Router = self._build_router(**router_options).to(**factory)
         #: ``[C_out]`` added after the mixed convolution; only a folded BatchNorm's shift
         #: under routing that does not sum to one needs it (see :mod:`dynconv.folding`).
         self.static_bias: nn.Parameter | None = None
@@ -96,13 +108,56 @@ class DynamicConv2d(nn.Module):
         self.last_routing: Tensor | None = None
         self.reset_parameters()
 
-    def _build_router(self, **options: Any) -> nn.Module:
+    def _build_router(self, **options: Any) -> Router:
         raise NotImplementedError
+
+    @classmethod
+    def option_specs(cls) -> dict[str, OptionSpec]:
+        """This kind's options (beyond ``nn.Conv2d``'s and ``experts``): name, type, default, range."""
+        return option_specs(cls._build_router)
 
     @classmethod
     def router_option_names(cls) -> tuple[str, ...]:
         """The router options this kind accepts (``dropout``, ``temperature`` ...)."""
-        return tuple(inspect.signature(cls._build_router).parameters)[1:]
+        return tuple(cls.option_specs())
+
+    def router_parameters(self) -> list[nn.Parameter]:
+        """Parameters that compute the routing (trained from zero after conversion)."""
+        return list(self.router.parameters())
+
+    def expert_parameters(self) -> list[nn.Parameter]:
+        """Parameters that hold the kernels: the experts, their bias, a standardisation gain."""
+        return [p for p in (self.weight, self.bias, self.gain, self.static_bias) if p is not None]
+
+    def fold_affine_(self, scale: Tensor, shift: Tensor) -> str:
+        """Make the layer compute ``scale * layer(x) + shift`` per output channel (float64 inputs), in place.
+
+        Scaling every expert's kernel and bias scales the mixed kernel whatever the
+        routing. The shift goes into the experts' biases when every input's routing
+        weights sum to one (softmax kinds); otherwise into ``static_bias``. Returns
+        where the shift went: ``"bias"`` or ``"static_bias"``.
+        """
+        if self.standardize is not None:
+            raise ValueError("a weight-standardised layer renormalises its kernel, which would undo a folded scale")
+        weight = self.weight.detach()
+        with torch.no_grad():
+            self.weight.copy_((weight.double() * scale.view(1, -1, 1, 1, 1)).to(weight.dtype))
+            bias = None if self.bias is None else self.bias.detach().double() * scale
+            static = None if self.static_bias is None else self.static_bias.detach().double() * scale
+            if self.router.sums_to_one:  # sum_k r_k (b_k + c) = sum_k r_k b_k + c for every input
+                bias = shift.expand(self.experts, -1) if bias is None else bias + shift
+                where = "bias"
+            else:
+                static = shift if static is None else static + shift
+                where = "static_bias"
+            factory = {"dtype": weight.dtype, "device": weight.device}
+            if bias is not None and self.bias is None:
+                self.bias = nn.Parameter(bias.to(**factory).contiguous())
+            elif bias is not None:
+                self.bias.copy_(bias)
+            if static is not None:
+                self.static_bias = nn.Parameter(static.to(**factory))
+        return where
 
     def reset_parameters(self) -> None:
         """Independent ``nn.Conv2d``-style initialisation of every expert (training from scratch)."""

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Annotated
 
 from ..routing import SigmoidRouter
 from .base import DynamicConv2d
+from .spec import Bounds, KindInfo
 
 
 class CondConv2d(DynamicConv2d):
@@ -16,6 +17,14 @@ class CondConv2d(DynamicConv2d):
     """
 
     kind = "condconv"
+    info = KindInfo(
+        title="CondConv (Yang et al., NeurIPS 2019)",
+        formula="W(x) = sum_k r_k(x) W_k",
+        routing="global average pool -> linear -> sigmoid: one weight in (0, 1) per expert",
+        parameters="K x the conv's kernel, plus C_in x K for the router",
+        speed="mixes K full kernels per sample: near static cost on large maps and 1x1 convs, "
+        "memory-bound on small maps with many channels",
+    )
 
-    def _build_router(self, dropout: float = 0.0) -> nn.Module:
+    def _build_router(self, dropout: Annotated[float, Bounds(ge=0, lt=1)] = 0.0) -> SigmoidRouter:
         return SigmoidRouter(self.in_channels, self.experts, dropout=dropout)

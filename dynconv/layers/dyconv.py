@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Annotated
 
 from ..routing import SoftmaxRouter
 from .base import DynamicConv2d
+from .spec import Bounds, KindInfo
 
 
 class DyConv2d(DynamicConv2d):
@@ -16,8 +17,21 @@ class DyConv2d(DynamicConv2d):
     """
 
     kind = "dyconv"
+    info = KindInfo(
+        title="Dynamic Convolution (Chen et al., CVPR 2020)",
+        formula="W(x) = sum_k softmax(z(x) / T)_k W_k, bias likewise",
+        routing="global average pool -> linear (/reduction) -> ReLU -> linear -> softmax over experts, "
+        "temperature T annealed 30 -> 1",
+        parameters="K x the conv's kernel, plus a small two-layer router",
+        speed="mixes K full kernels per sample, as CondConv",
+    )
 
-    def _build_router(self, reduction: int = 4, min_hidden: int = 16, temperature: float = 30.0) -> nn.Module:
+    def _build_router(
+        self,
+        reduction: Annotated[int, Bounds(ge=1)] = 4,
+        min_hidden: Annotated[int, Bounds(ge=1)] = 16,
+        temperature: Annotated[float, Bounds(gt=0)] = 30.0,
+    ) -> SoftmaxRouter:
         return SoftmaxRouter(
             self.in_channels, self.experts, reduction=reduction, min_hidden=min_hidden, temperature=temperature
         )
