@@ -7,29 +7,33 @@ checkpoints that rebuild without pickle.
 
 from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
 from .converter import ConversionResult, LayerRecord, SelectionError, SkipRecord, convert_model
+from .errors import DynconvError, UserError, WorkFailedError
 from .export import ExportError, ExportResult, export_onnx
 from .folding import FoldError, FoldResult, find_conv_bn_pairs, fold_batchnorm
-from .graph import ProbeError
-from .models import BaseModel, ModelNotFoundError, build_model, list_models
+from .models import ModelNotFoundError, ModelSource, build_model, list_models
+from .probe import ProbeError
 from .recipe import Recipe, RecipeError, load_recipe
 from .weights import WeightsError, load_weights, read_state_dict
 
 __all__ = [
-    "BaseModel",
     "CheckpointError",
     "ConversionResult",
+    "DynconvError",
     "ExportError",
     "ExportResult",
     "FoldError",
     "FoldResult",
     "LayerRecord",
     "ModelNotFoundError",
+    "ModelSource",
     "ProbeError",
     "Recipe",
     "RecipeError",
     "SelectionError",
     "SkipRecord",
+    "UserError",
     "WeightsError",
+    "WorkFailedError",
     "build_model",
     "convert_model",
     "export_onnx",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .recipe import Recipe, RecipeError
+from .recipe import RecipeError
 
 
 def recipe_dirs() -> list[Path]:
@@ -37,8 +37,3 @@ def find_recipe(value: str | Path) -> Path:
         raise RecipeError(f"recipe {value} is not a file")
     names = ", ".join(shipped) or "none"
     raise RecipeError(f"recipe {value} not found: not a file, nor a shipped recipe ({names})")
-
-
-def describe(path: Path) -> str:
-    """The recipe's one-line description (validated on the way)."""
-    return Recipe.from_yaml(path).description or "(no description)"

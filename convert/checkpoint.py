@@ -27,8 +27,9 @@ from torch import nn
 import dynconv
 
 from .converter import CONVERSION_ATTR, Conversion, ConversionResult
+from .errors import OutputPathError, UserError, check_output_path
 from .folding import FOLDED_ATTR
-from .models import BaseModel, tag_base
+from .models import ModelSource, tag_base
 from .surgery import build_layer, get_module, replace_all
 from .weights import with_module_versions
 
@@ -38,7 +39,7 @@ METADATA_KEY = "dynconv"
 TRAINING_PREFIX = "__training__."
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be written or read back; the message says which and why."""
 
 
@@ -98,7 +99,8 @@ def _conversion_of(source: ConversionResult | nn.Module) -> tuple[nn.Module, Con
     if getattr(model, FOLDED_ATTR, None):
         raise CheckpointError(
             "this model has BatchNorm folded into its convs, a deployment form a checkpoint cannot rebuild; "
-            "save the model before folding and fold at export (dynconv export --fold-bn)"
+            "save the model before folding and fold at export (export_onnx(fold_bn=True))",
+            cli_hint="dynconv export --fold-bn",
         )
     return model, conversion
 
@@ -117,10 +119,10 @@ def save_checkpoint(
     """
     path = Path(path)
     model, conversion = _conversion_of(source)
-    if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} already exists; pass overwrite=True (CLI: --force) to replace it")
-    if not path.parent.is_dir():
-        raise CheckpointError(f"folder {path.parent} does not exist")
+    try:
+        check_output_path(path, overwrite)
+    except OutputPathError as exc:
+        raise CheckpointError(str(exc)) from None
     tensors, aliases = _dedupe(model.state_dict())
     if training is not None:
         tensors.update({TRAINING_PREFIX + k: v.detach().contiguous().clone() for k, v in training[1].items()})
@@ -175,7 +177,8 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     if METADATA_KEY not in meta:
         raise CheckpointError(
             f"{path} is a safetensors file but not a dynconv checkpoint (no '{METADATA_KEY}' metadata); "
-            "load plain weights with convert.load_weights or --weights"
+            "load plain weights with convert.load_weights",
+            cli_hint="--weights FILE",
         )
     try:
         data = json.loads(meta[METADATA_KEY])
@@ -236,7 +239,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _base_model(meta: dict[str, Any], model: nn.Module | None, path: Path) -> nn.Module:
-    base = BaseModel.from_dict(meta["base"])
+    base = ModelSource.from_dict(meta["base"])
     if model is not None:
         fresh = copy.deepcopy(model)
         tag_base(fresh, base)
@@ -289,7 +292,10 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
         rebuilt,
         CONVERSION_ATTR,
         Conversion(
-            BaseModel.from_dict(meta["base"]), meta.get("recipe", {}), tuple(meta["input_shape"]), list(meta["layers"])
+            ModelSource.from_dict(meta["base"]),
+            meta.get("recipe", {}),
+            tuple(meta["input_shape"]),
+            list(meta["layers"]),
         ),
     )
     return rebuilt.eval()

@@ -18,17 +18,18 @@ from torch import nn
 
 from dynconv import LAYERS
 
-from .adapters import UnsupportedConvError, conversion_options
+from .conv_classes import UnsupportedConvError, conversion_options
 from .counting import count_macs, count_params
-from .graph import ConvSite, default_input_size, find_convs, is_already_dynamic, probe
-from .models import BaseModel, base_of
+from .errors import UserError
+from .models import ModelSource, base_of
+from .probe import ConvSite, default_input_size, find_convs, is_already_dynamic, probe
 from .recipe import Recipe, load_recipe, name_matches
 from .surgery import build_layer, replace_all
 
 CONVERSION_ATTR = "dynconv_conversion"
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError):
     """An include/exclude/rule pattern matches no conv; the message lists close names."""
 
 
@@ -80,7 +81,7 @@ class SkipRecord:
 class Conversion:
     """What a converted model records about itself, so it can be saved after training."""
 
-    base: BaseModel
+    base: ModelSource
     recipe: dict[str, Any]
     input_shape: tuple[int, int, int]
     layers: list[dict[str, Any]] = field(default_factory=list)  # {"names", "kind", "options"}
@@ -93,7 +94,7 @@ class ConversionResult:
     model: nn.Module
     layers: list[LayerRecord]
     skipped: list[SkipRecord]
-    base: BaseModel
+    base: ModelSource
     recipe: dict[str, Any]
     input_shape: tuple[int, int, int]
     params_before: int
@@ -132,7 +133,7 @@ def _input_shape(model: nn.Module, input_size: int | tuple[int, ...] | None) -> 
         return (channels, size[0], size[1])
     if len(size) == 3:
         return (size[0], size[1], size[2])
-    raise ValueError(f"input_size must be an int, (H, W) or (C, H, W), got {input_size!r}")
+    raise UserError(f"input_size must be an int, (H, W) or (C, H, W), got {input_size!r}")
 
 
 def _check_patterns(patterns: list[str], sites: list[ConvSite], what: str) -> None:
@@ -177,11 +178,11 @@ def convert_model(
     """
     spec = load_recipe(recipe)
     if kind is not None and kind not in LAYERS:
-        raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(LAYERS)}")
+        raise UserError(f"unknown kind {kind!r}; choose from {', '.join(LAYERS)}")
     if experts is not None and (not isinstance(experts, int) or experts < 1):
-        raise ValueError(f"experts must be a positive integer, got {experts!r}")
+        raise UserError(f"experts must be a positive integer, got {experts!r}")
     if noise is not None and noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
+        raise UserError(f"noise must be >= 0, got {noise}")
     overrides = {k: v for k, v in {"kind": kind, "experts": experts, "noise": noise}.items() if v is not None}
     seed = seed if seed is not None else (spec.defaults.seed or 0)
     include = [include] if isinstance(include, str) else list(include or [])
@@ -193,7 +194,7 @@ def convert_model(
     except RuntimeError as exc:
         if "graph leaves" not in str(exc):
             raise
-        raise ValueError(
+        raise UserError(
             f"the model cannot be copied, and dynconv never modifies the model it is given ({exc}); "
             "old-style torch.nn.utils.weight_norm is a common cause: use torch.nn.utils.parametrizations.weight_norm"
         ) from None

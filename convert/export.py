@@ -24,19 +24,19 @@ from torch import nn
 
 import dynconv
 
-from .errors import check_output_path, first_line
+from .errors import UserError, WorkFailedError, check_output_path, first_line
 from .folding import FoldResult, fold_batchnorm
-from .verify import difference, output
+from .verify import REL_TOL_TEXT, difference, output
 
 #: Batch sizes an export is checked at unless told otherwise (1 and more than the traced 2).
 CHECK_BATCHES = (1, 3)
 
 
-class ExportError(Exception):
+class ExportError(WorkFailedError):
     """The export or its ONNX Runtime check failed; nothing was written."""
 
 
-class ExportDependencyError(ImportError):
+class ExportDependencyError(UserError, ImportError):
     """onnx, onnxscript or onnxruntime is missing."""
 
 
@@ -132,13 +132,13 @@ def export_onnx(
     still compares against ``model`` unfolded, so it covers the fold too. Raises
     :class:`ExportError` (and writes nothing) if ONNX Runtime differs beyond tolerance.
     """
-    from .graph import default_input_size
+    from .probe import default_input_size
 
     start = time.perf_counter()
     path = Path(path)
     check_output_path(path, overwrite)
     if not check_batches or min(check_batches) < 1:
-        raise ValueError(f"check batch sizes must be positive, got {list(check_batches)}")
+        raise UserError(f"check batch sizes must be positive, got {list(check_batches)}")
     ort = _onnxruntime()
     input_shape = tuple(input_shape or default_input_size(model))  # type: ignore[assignment]
     folded = fold_batchnorm(model) if fold_bn else None
@@ -164,7 +164,7 @@ def export_onnx(
         if bad:
             raise ExportError(
                 f"ONNX Runtime differs from PyTorch by {bad[0].max_rel:.2e} (relative) at batch {bad[0].batch}, "
-                f"beyond the 1e-4 tolerance; {path} was not written"
+                f"beyond the {REL_TOL_TEXT} tolerance; {path} was not written"
             )
         for item in sorted(Path(staging).iterdir(), key=lambda p: p == staged):  # external data first, graph last
             os.replace(item, path.parent / item.name)

@@ -25,6 +25,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 import dynconv
 
 from .checkpoint import CheckpointError, load_checkpoint, read_training_state, save_checkpoint
+from .converter import CONVERSION_ATTR
+from .errors import UserError, WorkFailedError, check_output_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,14 +82,14 @@ def image_folder_splits(root: Path, image_size: int, val_fraction: float, seed: 
     )
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"dataset folder {root} does not exist")
+        raise UserError(f"dataset folder {root} does not exist")
     try:
         if (root / "train").is_dir() and (root / "val").is_dir():
             train, val = datasets.ImageFolder(root / "train", tf), datasets.ImageFolder(root / "val", tf)
             return train, val, len(train.classes)
         full = datasets.ImageFolder(root, tf)
     except (FileNotFoundError, RuntimeError) as exc:
-        raise ValueError(f"{root} is not an image folder (one subfolder of images per class): {exc}") from None
+        raise UserError(f"{root} is not an image folder (one subfolder of images per class): {exc}") from None
     order = torch.randperm(len(full), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = max(1, int(len(full) * val_fraction))
     return Subset(full, order[n_val:]), Subset(full, order[:n_val]), len(full.classes)
@@ -251,7 +253,7 @@ def check_replicas(model: nn.Module) -> None:
     gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
-        raise RuntimeError(f"data-parallel replicas differ: checksums {[g.tolist() for g in gathered]}")
+        raise WorkFailedError(f"data-parallel replicas differ: checksums {[g.tolist() for g in gathered]}")
 
 
 def finetune(
@@ -277,17 +279,17 @@ def finetune(
             raise CheckpointError(f"{output} holds no training state to resume from")
         info, tensors = saved
         if info["config"] != _recorded(config):
-            raise ValueError(f"{output} was trained with other settings ({info['config']}); resume with the same ones")
+            raise UserError(f"{output} was trained with other settings ({info['config']}); resume with the same ones")
         state = RunState(info["epoch"], info["history"])
         optimizer_state, source = (info["optimizer"], tensors), output
-    elif output.exists() and not overwrite:
-        raise CheckpointError(f"{output} already exists; pass --force to overwrite it or --resume to continue it")
+    else:
+        check_output_path(output, overwrite)
     model = load_checkpoint(source)
     size = config.image_size or int(dynconv_input_size(model))
     train_set, val_set, classes = image_folder_splits(data, size, config.val_fraction, config.seed)
     outputs = _output_classes(model, size)
     if outputs != classes:
-        raise ValueError(
+        raise UserError(
             f"the model predicts {outputs} classes but {data} has {classes}; convert a model built with "
             f"num_classes={classes}"
         )
@@ -324,7 +326,7 @@ def _recorded(config: TrainConfig) -> dict[str, Any]:
 
 
 def dynconv_input_size(model: nn.Module) -> int:
-    conversion = getattr(model, "dynconv_conversion", None)
+    conversion = getattr(model, CONVERSION_ATTR, None)
     return conversion.input_shape[1] if conversion is not None else 224
 
 

@@ -20,15 +20,15 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from dynconv import DynamicConv2d, fold_batchnorm_
 
-from .adapters import UnsupportedConvError, conversion_options
-from .errors import first_line
+from .conv_classes import UnsupportedConvError, conversion_options
+from .errors import UserError, first_line
 from .surgery import set_module
 
 #: Attribute a folded model carries: the folded ``(conv, batchnorm)`` name pairs.
 FOLDED_ATTR = "dynconv_folded_batchnorm"
 
 
-class FoldError(ValueError):
+class FoldError(UserError):
     """The model's graph could not be traced, so no conv -> BatchNorm pair can be proven."""
 
 
@@ -125,7 +125,7 @@ def _fold_static(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
     if conversion_options(conv).get("standardize") is not None:
         raise UnsupportedConvError("the conv standardises its weight, which would undo a folded BatchNorm scale")
     if bn.running_mean is None:
-        raise ValueError("the BatchNorm keeps no running statistics")
+        raise UnsupportedConvError("the BatchNorm keeps no running statistics")
     return fuse_conv_bn_eval(conv.eval(), bn.eval())
 
 
@@ -163,8 +163,3 @@ def fold_batchnorm(model: nn.Module, *, inplace: bool = False) -> FoldResult:
         result.folded.append(FoldedPair(conv_name, bn_name, kind, shift))
     setattr(model, FOLDED_ATTR, [(p.conv, p.batchnorm) for p in result.folded])
     return result
-
-
-def is_folded(model: nn.Module) -> bool:
-    """Whether ``model`` came out of :func:`fold_batchnorm` with at least one BatchNorm folded."""
-    return bool(getattr(model, FOLDED_ATTR, None))

@@ -1,7 +1,8 @@
 """Building base models by name: torchvision, timm, or ``package.module:factory``.
 
-A model built here carries a :class:`BaseModel` record (source, name, constructor
-arguments) so a checkpoint can rebuild it later without pickling anything.
+A model built here carries a :class:`ModelSource` record (source, name, constructor
+arguments) so a checkpoint can rebuild it later without pickling anything. Recipes name
+their model with the same record.
 """
 
 from __future__ import annotations
@@ -9,41 +10,58 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import importlib
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-SOURCES = ("torchvision", "timm", "custom")
+from .errors import UserError
+
+Source = Literal["torchvision", "timm", "custom"]
+SOURCES: tuple[str, ...] = get_args(Source)
 BASE_ATTR = "dynconv_base"
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(UserError):
     """The model name is not in torchvision, timm, or importable as ``module:factory``."""
 
 
-@dataclass(frozen=True)
-class BaseModel:
-    """Where a model comes from: enough to rebuild its architecture."""
+class DownloadError(UserError, RuntimeError):
+    """Pretrained weights could not be downloaded (e.g. the machine is offline)."""
 
-    source: str  # torchvision | timm | custom
+
+class ModelSource(BaseModel):
+    """Where a model comes from: zoo, name and constructor arguments, enough to rebuild it.
+
+    ``source`` may be left out in a recipe (it is then looked up by name); a model
+    built or converted here always records it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source: Source | None = None
     name: str
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The JSON-able record stored in checkpoints."""
+        return self.model_dump()
 
-    def build(self) -> nn.Module:
-        """Rebuild this architecture from its zoo (random weights); custom models cannot be."""
+    def build(self, *, pretrained: bool = False) -> nn.Module:
+        """Build this architecture from its zoo (random weights unless ``pretrained``); custom models cannot be."""
         if self.source == "custom":
-            raise ValueError(f"{self.name} is a custom model: pass an instance of it")
-        return build_model(self.name, self.source, **self.kwargs)
+            raise UserError(f"{self.name} is a custom model: pass an instance of it")
+        return build_model(self.name, self.source, pretrained=pretrained, **self.kwargs)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BaseModel:
-        if data.get("source") not in SOURCES:
-            raise ValueError(f"base model source must be one of {SOURCES}, got {data.get('source')!r}")
-        return cls(str(data["source"]), str(data["name"]), dict(data.get("kwargs") or {}))
+    def from_dict(cls, data: dict[str, Any]) -> ModelSource:
+        """Read a stored record back; a bad one is a :class:`~convert.errors.UserError`."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            where = ".".join(str(p) for p in problem["loc"])
+            raise UserError(f"bad model record: {where}: {problem['msg']}") from None
 
 
 def torchvision_models() -> list[str]:
@@ -105,15 +123,15 @@ def _import_factory(spec: str) -> Any:
 
 
 def build_model(name: str, source: str | None = None, *, pretrained: bool = False, **kwargs: Any) -> nn.Module:
-    """Build ``name`` (random weights unless ``pretrained``) and tag it with its :class:`BaseModel`.
+    """Build ``name`` (random weights unless ``pretrained``) and tag it with its :class:`ModelSource`.
 
     ``pretrained`` downloads the zoo's default weights; without network access it
-    raises a ``RuntimeError`` that says so and suggests loading a weights file.
+    raises a :class:`DownloadError` that says so and suggests loading a weights file.
     """
     source = resolve_source(name, source)
     if source == "custom":
         if pretrained:
-            raise ValueError("--pretrained needs a torchvision or timm model; load custom weights from a file")
+            raise UserError("pretrained weights come from torchvision or timm; load a custom model's from a file")
         model = _import_factory(name)(**kwargs)
         if not isinstance(model, nn.Module):
             raise ModelNotFoundError(f"factory {name!r} returned {type(model).__name__}, not an nn.Module")
@@ -126,7 +144,7 @@ def build_model(name: str, source: str | None = None, *, pretrained: bool = Fals
         import timm
 
         model = _download(lambda: timm.create_model(name, pretrained=pretrained, **kwargs), name, pretrained)
-    tag_base(model, BaseModel(source, name, dict(kwargs)))
+    tag_base(model, ModelSource(source=source, name=name, kwargs=dict(kwargs)))
     return model
 
 
@@ -136,21 +154,22 @@ def _download(build: Any, name: str, pretrained: bool) -> nn.Module:
     except (OSError, RuntimeError, ValueError) as exc:
         if not pretrained:
             raise
-        raise RuntimeError(
+        raise DownloadError(
             f"could not download pretrained weights for {name!r} ({type(exc).__name__}); this machine may be "
-            "offline: save the weights to a file elsewhere and pass it with --weights FILE"
+            "offline: save the weights to a file elsewhere and load them from it",
+            cli_hint="--weights FILE",
         ) from exc
 
 
-def tag_base(model: nn.Module, base: BaseModel) -> None:
+def tag_base(model: nn.Module, base: ModelSource) -> None:
     """Record where ``model`` came from (survives ``copy.deepcopy``)."""
     setattr(model, BASE_ATTR, base)
 
 
-def base_of(model: nn.Module) -> BaseModel:
+def base_of(model: nn.Module) -> ModelSource:
     """The recorded base of ``model``, or a ``custom`` record named after its class."""
     base = getattr(model, BASE_ATTR, None)
-    if isinstance(base, BaseModel):
+    if isinstance(base, ModelSource):
         return base
     cls = type(model)
-    return BaseModel("custom", f"{cls.__module__}:{cls.__qualname__}", {})
+    return ModelSource(source="custom", name=f"{cls.__module__}:{cls.__qualname__}")

@@ -5,25 +5,34 @@ built-in defaults < the recipe's ``defaults`` < explicit arguments (``convert_mo
 ``kind``/``experts``/``noise``/``seed``, the CLI's flags) < the matching ``rules`` in
 order, a later matching rule overriding an earlier one. ``skip`` follows the same
 order: the last matching rule that says ``skip`` decides.
+
+The kinds and each kind's options are not written here: the schema is derived from the
+layer registry (``dynconv.LAYERS`` and each layer's ``option_specs()``) when a recipe is
+validated, so a newly registered kind is a valid ``kind:`` with its options at once.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-Kind = Literal["condconv", "dyconv", "dynet"]
+from dynconv import LAYERS, DynamicConv2d
+
+from .errors import UserError
+from .models import ModelSource
+
 ConvType = Literal["pointwise", "depthwise", "spatial"]
+#: The weakest level of the precedence order: what a conv gets when nothing else says.
 BUILTIN_DEFAULTS: dict[str, Any] = {"kind": "condconv", "experts": 4, "noise": 0.01}
-ROUTER_OPTIONS = ("dropout", "reduction", "min_hidden", "temperature")
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError):
     """A recipe that cannot be read or does not validate; the message names file, line and key."""
 
 
@@ -42,23 +51,40 @@ def name_matches(pattern: str, name: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern)
 
 
-class LayerOptions(_Strict):
-    """Options a rule or the defaults may set; ``None`` leaves the weaker level's value."""
+class CommonOptions(_Strict):
+    """Options of every kind a rule or the defaults may set; ``None`` leaves the weaker level's value.
 
-    kind: Kind | None = None
+    The kinds' own options (``dropout``, ``temperature`` ...) are added from the registry
+    by :func:`layer_options_model`.
+    """
+
+    kind: str | None = None
     experts: int | None = Field(None, ge=1, le=256)
     noise: float | None = Field(None, ge=0, le=1)
-    dropout: float | None = Field(None, ge=0, lt=1)
-    reduction: int | None = Field(None, ge=1)
-    min_hidden: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, gt=0)
+
+    @field_validator("kind")
+    @classmethod
+    def _registered_kind(cls, kind: str | None) -> str | None:
+        if kind is not None and kind not in LAYERS:
+            raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(LAYERS)}")
+        return kind
 
     def set_options(self) -> dict[str, Any]:
+        """The options this level sets (those not left at ``None``)."""
         return {k: v for k, v in self.model_dump(exclude={"match", "skip", "seed"}).items() if v is not None}
 
 
-class Defaults(LayerOptions):
-    seed: int | None = None
+def _kind_option_fields(layers: tuple[type[DynamicConv2d], ...]) -> dict[str, Any]:
+    """Pydantic fields for the union of the kinds' options, with each option's valid range."""
+    fields: dict[str, Any] = {}
+    for cls in layers:
+        for spec in cls.option_specs().values():
+            if spec.name in fields:
+                continue
+            b = spec.bounds
+            limits = {} if b is None else {"ge": b.ge, "gt": b.gt, "le": b.le, "lt": b.lt}
+            fields[spec.name] = (spec.type | None, Field(None, **limits))
+    return fields
 
 
 class Selector(_Strict):
@@ -92,7 +118,7 @@ class Selector(_Strict):
         return patterns
 
     def matches(self, site: Any) -> bool:
-        """Whether the conv ``site`` (a :class:`convert.graph.ConvSite`) satisfies this selector."""
+        """Whether the conv ``site`` (a :class:`convert.probe.ConvSite`) satisfies this selector."""
         if self.name is not None and not any(name_matches(p, n) for p in self.name for n in site.names):
             return False
         if self.type is not None and site.conv_type not in self.type:
@@ -106,33 +132,49 @@ class Selector(_Strict):
         return self.stride is None or max(site.stride) in self.stride
 
 
-class Rule(LayerOptions):
-    match: Selector = Field(default_factory=Selector)
-    skip: bool | None = None
-
-
-class ModelSpec(_Strict):
-    name: str
-    source: Literal["torchvision", "timm", "custom"] | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+@functools.cache
+def recipe_schema(layers: tuple[type[DynamicConv2d], ...]) -> type[Recipe]:
+    """The :class:`Recipe` model whose rules and defaults accept the options of ``layers``."""
+    options = create_model("LayerOptions", __base__=CommonOptions, **_kind_option_fields(layers))
+    defaults = create_model("Defaults", __base__=options, seed=(int | None, None))
+    rule = create_model(
+        "Rule", __base__=options, match=(Selector, Field(default_factory=Selector)), skip=(bool | None, None)
+    )
+    return create_model(
+        "Recipe",
+        __base__=Recipe,
+        defaults=(defaults, Field(default_factory=defaults)),
+        rules=(list[rule], Field(default_factory=list)),
+    )
 
 
 class Recipe(_Strict):
     """A validated recipe. Build it from a dict (:meth:`from_dict`) or YAML (:meth:`from_yaml`)."""
 
     description: str = ""
-    model: ModelSpec | None = None
-    defaults: Defaults = Field(default_factory=Defaults)
-    rules: list[Rule] = Field(default_factory=list)
+    model: ModelSource | None = None
+    # Typed by recipe_schema from the registry; build recipes with from_dict/from_yaml/load_recipe.
+    defaults: Any = Field(default_factory=lambda: _current_schema().model_fields["defaults"].default_factory())
+    rules: list[Any] = Field(default_factory=list)
+
+    @staticmethod
+    def validate_data(data: Any, source: str, node: yaml.Node | None = None) -> Recipe:
+        """Validate ``data`` against the schema of the kinds registered now."""
+        try:
+            return _current_schema().model_validate(data)
+        except ValidationError as exc:
+            raise RecipeError(_describe(exc, source, node)) from None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> Recipe:
+        """A recipe from a mapping (as YAML would give it); errors name ``source`` and the key."""
         if not isinstance(data, dict):
             raise RecipeError(f"{source}: a recipe must be a mapping, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise RecipeError(_describe(exc, source, None)) from None
+        return cls.validate_data(data, source)
+
+    def options(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Built-in defaults < this recipe's defaults < ``overrides``: what a conv no rule matches gets."""
+        return {**BUILTIN_DEFAULTS, **self.defaults.set_options(), **(overrides or {})}
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
@@ -153,15 +195,12 @@ class Recipe(_Strict):
             data = {}
         if not isinstance(data, dict):
             raise RecipeError(f"{path}: a recipe must be a mapping at the top level, got {type(data).__name__}")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise RecipeError(_describe(exc, str(path), node)) from None
+        return cls.validate_data(data, str(path), node)
 
     def resolve(self, site: Any, overrides: dict[str, Any]) -> tuple[dict[str, Any], int | None, bool]:
         """Options for ``site``; the index of the rule that skips it (or ``None``); and whether a
         rule explicitly keeps it (``skip: false``), which overrides the default skips (stem...)."""
-        options = {**BUILTIN_DEFAULTS, **self.defaults.set_options(), **overrides}
+        options = self.options(overrides)
         skip: tuple[int, bool] | None = None
         for index, rule in enumerate(self.rules):
             if rule.match.matches(site):
@@ -173,10 +212,15 @@ class Recipe(_Strict):
         return options, (skip[0] if skip[1] else None), not skip[1]
 
 
+def _current_schema() -> type[Recipe]:
+    """The recipe schema for the kinds registered now (cached per registry state)."""
+    return recipe_schema(tuple(LAYERS.values()))
+
+
 def load_recipe(recipe: Recipe | dict[str, Any] | str | Path | None) -> Recipe:
     """Accept a :class:`Recipe`, a dict, a YAML path, or ``None`` (the empty recipe)."""
     if recipe is None:
-        return Recipe()
+        return _current_schema()()
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, dict):
@@ -197,6 +241,8 @@ def _describe(exc: ValidationError, source: str, node: yaml.Node | None) -> str:
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key"
+        elif error["type"] == "value_error":
+            message = str(error.get("ctx", {}).get("error", message))
         elif error["type"] == "literal_error":
             message = f"{message}, got {error.get('input')!r}"
         problems.append(f"{where}: {path or '(top level)'}: {message}")

@@ -12,7 +12,7 @@ from torch import nn
 
 from dynconv import DynamicConv2d, layer_class
 
-from .adapters import conversion_options
+from .conv_classes import conversion_options
 
 
 def build_layer(
@@ -20,7 +20,7 @@ def build_layer(
 ) -> DynamicConv2d:
     """A ``kind`` layer from ``conv`` with recorded ``options`` (``experts`` and router options).
 
-    ``padding``/``standardize`` come from the conv's class (see :mod:`convert.adapters`);
+    ``padding``/``standardize`` come from the conv's class (see :mod:`convert.conv_classes`);
     options that do not apply to ``kind`` are ignored, so one recipe can mix kinds.
     """
     cls = layer_class(kind)

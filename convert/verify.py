@@ -12,8 +12,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .errors import UserError
+
 #: The contract's tolerance: max |diff| <= REL_TOL * max |original| + ABS_TOL.
 REL_TOL = 1e-4
+#: ``REL_TOL`` as messages print it (``1e-4``).
+REL_TOL_TEXT = f"{REL_TOL:.0e}".replace("e-0", "e-")
 ABS_TOL = 1e-5
 
 
@@ -39,7 +43,7 @@ def _first_tensor(out: object) -> torch.Tensor:
         return out[0]
     if isinstance(out, dict):
         return next(v for v in out.values() if isinstance(v, torch.Tensor))
-    raise TypeError(f"cannot compare model outputs of type {type(out).__name__}")
+    raise UserError(f"cannot compare model outputs of type {type(out).__name__}")
 
 
 def output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -9,10 +9,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from .errors import UserError
+
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module", "ema")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file that is missing, unreadable, or does not fit the model."""
 
 

@@ -149,7 +149,7 @@ def _workable_size(model, size: int) -> tuple[int, int, int]:
 
     import torch
 
-    from convert.graph import default_input_size
+    from convert.probe import default_input_size
 
     channels, height, width = default_input_size(model)
     if size < min(height, width):

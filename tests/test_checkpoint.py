@@ -255,7 +255,8 @@ def test_weights_files_that_are_refused(tmp_path) -> None:
 
 
 def test_build_model_sources_and_errors() -> None:
-    assert convert.build_model("resnet18").dynconv_base == convert.BaseModel("torchvision", "resnet18", {})
+    expected = convert.ModelSource(source="torchvision", name="resnet18", kwargs={})
+    assert convert.build_model("resnet18").dynconv_base == expected
     assert convert.build_model("convnext_atto").dynconv_base.source == "timm"
     custom = convert.build_model("test_convert_api:TinyNet")
     assert isinstance(custom, TinyNet) and custom.dynconv_base.source == "custom"

@@ -166,20 +166,6 @@ def test_sync_batchnorm_conversion_keeps_the_dynamic_layers(trained) -> None:
         torch.testing.assert_close(synced.eval()(x), result.model.eval()(x))
 
 
-def test_training_helpers_split_parameters_by_role(trained) -> None:
-    model = copy.deepcopy(trained[1].model)
-    counts = dynconv.set_trainable(model, routers=True, experts=False, rest=False)
-    assert counts["routers"] > 0 and counts["experts"] > counts["routers"] and counts["rest"] > 0
-    assert all(p.requires_grad for p in dynconv.router_parameters(model))
-    assert not any(p.requires_grad for p in dynconv.expert_parameters(model))
-    assert not any(p.requires_grad for p in dynconv.other_parameters(model))
-    groups = dynconv.parameter_groups(model, router_lr_scale=10.0, lr=0.1)
-    assert len(groups) == 2 and groups[1]["lr"] == 1.0 and groups[0]["params"] == []
-    dynconv.set_trainable(model, routers=True, experts=True, rest=True)
-    total = sum(p.numel() for p in model.parameters())
-    assert sum(sum(p.numel() for p in g["params"]) for g in dynconv.parameter_groups(model, lr=0.1)) == total
-
-
 def test_router_warmup_trains_only_the_routers(trained, digits) -> None:
     model = copy.deepcopy(trained[1].model)
     train_set, val_set, _ = image_folder_splits(digits, 32, 0.2, seed=0)

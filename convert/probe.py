@@ -9,15 +9,18 @@ conv's input and output shape, so selection can use facts such as "its input is
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from dynconv import DynamicConv2d
 
+from .errors import UserError
+from .models import BASE_ATTR
 
-class ProbeError(RuntimeError):
+
+class ProbeError(UserError, RuntimeError):
     """The probe forward failed, typically because the input size does not suit the model."""
 
 
@@ -38,7 +41,6 @@ class ConvSite:
     output_shape: tuple[int, ...] | None = None
     calls: int = 0
     reads_image: bool = False
-    extra: dict[str, object] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -79,14 +81,6 @@ class ConvSite:
             return "depthwise"
         return "pointwise" if self.kernel == (1, 1) else "spatial"
 
-    @property
-    def macs(self) -> int | None:
-        """Multiply-accumulates of the static conv per sample and call (``None`` if never run)."""
-        if self.output_hw is None:
-            return None
-        kh, kw = self.kernel
-        return self.out_channels * self.output_hw[0] * self.output_hw[1] * (self.in_channels // self.groups) * kh * kw
-
 
 def find_convs(model: nn.Module) -> list[ConvSite]:
     """Every ``nn.Conv2d`` or dynamic conv of ``model``, shared modules once, in module order."""
@@ -109,7 +103,7 @@ def default_input_size(model: nn.Module) -> tuple[int, int, int]:
         return (int(size[0]), int(size[1]), int(size[2]))
     if isinstance(getattr(model, "image_size", None), int):
         return (3, model.image_size, model.image_size)
-    base = getattr(model, "dynconv_base", None)
+    base = getattr(model, BASE_ATTR, None)
     if getattr(base, "source", None) == "torchvision":
         import torchvision
 

@@ -1,4 +1,4 @@
-"""What the CLI shows: rich tables for people, plain dicts for ``--json``.
+"""Everything the CLI shows: rich tables and plain text for people, plain dicts for ``--json``.
 
 Big models are collapsed: above ``COLLAPSE_AT`` converted layers, rows are grouped by
 the first two parts of their names (``layer3.1``, ``features.7``), and skipped convs
@@ -7,16 +7,27 @@ are grouped by reason.
 
 from __future__ import annotations
 
+import textwrap
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from .converter import ConversionResult, LayerRecord
-from .verify import Comparison
+from ..converter import ConversionResult, LayerRecord
+from ..export import ExportResult
+from ..recipe import Recipe
+from ..verify import Comparison
+
+if TYPE_CHECKING:
+    from dynconv import DynamicConv2d
+
+    from ..finetune import EpochLog
 
 COLLAPSE_AT = 24
 
@@ -245,3 +256,140 @@ def render_checkpoint(
     if len(rows) > COLLAPSE_AT:
         layers.add_row(f"… {len(rows) - COLLAPSE_AT} more (--json lists all)", "", "", "", "", "")
     console.print(layers)
+
+
+def checkpoint_json(path: str, meta: dict[str, Any], shapes: dict[str, list[int]], size: int) -> dict[str, Any]:
+    """``dynconv inspect --json``: the metadata, the file's size and tensor count, and the layers."""
+    layers = checkpoint_layers(meta, shapes)
+    return {**meta, "path": path, "file_size": size, "tensors": len(shapes), "layers": layers}
+
+
+def verification_json(checkpoint: Path, y: torch.Tensor, check: Comparison | None) -> dict[str, Any]:
+    """``dynconv verify --json``: digest, load, forward and (optionally) the comparison."""
+    return {
+        "checkpoint": str(checkpoint),
+        "digest": "ok",
+        "loads": True,
+        "output_shape": list(y.shape),
+        "finite": bool(torch.isfinite(y).all()),
+        "comparison": None if check is None else {**check.__dict__, "ok": check.ok},
+    }
+
+
+def render_verification(
+    console: Console,
+    checkpoint: Path,
+    meta: dict[str, Any],
+    size: tuple[int, int],
+    y: torch.Tensor,
+    check: Comparison | None,
+) -> None:
+    """``dynconv verify``: one row per check."""
+    table = Table(show_header=False, title=f"verify {checkpoint}", title_justify="left")
+    table.add_column("check")
+    table.add_column("result")
+    table.add_row("digest", "ok")
+    table.add_row(
+        "rebuilt and loaded", f"{meta['base']['source']}:{meta['base']['name']}, {len(meta['layers'])} dynamic layers"
+    )
+    verdict = "finite" if bool(torch.isfinite(y).all()) else "NOT FINITE"
+    table.add_row(f"forward at {size[0]}x{size[1]}", f"output {tuple(y.shape)}, {verdict}")
+    if check is not None:
+        table.add_row(
+            "vs original weights",
+            f"max difference {check.max_rel:.2e} relative — {'ok' if check.within_tolerance else 'OUT OF TOLERANCE'}",
+        )
+    console.print(table)
+
+
+def export_json(result: ExportResult) -> dict[str, Any]:
+    """``dynconv export --json``: the file, its input, the checks and the folding."""
+    folded = result.folded
+    return {
+        "path": str(result.path),
+        "file_size": result.path.stat().st_size,
+        "input_shape": ["batch", *result.input_shape],
+        "opset": result.opset,
+        "checks": [c.__dict__ for c in result.checks],
+        "folded_batchnorm": None if folded is None else [p.__dict__ for p in folded.folded],
+        "unfolded_batchnorm": None if folded is None else [s.__dict__ for s in folded.skipped],
+        "seconds": round(result.seconds, 1),
+    }
+
+
+def render_export(console: Console, result: ExportResult) -> None:
+    """``dynconv export``: the file, its input, the folding and each ONNX Runtime check."""
+    table = Table(show_header=False, title=f"export {result.path}", title_justify="left")
+    table.add_column("item")
+    table.add_column("value")
+    table.add_row("input", escape(f"[batch, {', '.join(map(str, result.input_shape))}] float32"))
+    table.add_row("file", f"{result.path.stat().st_size / 2**20:.1f} MiB, opset {result.opset}")
+    if result.folded is not None:
+        kept = f", {len(result.folded.skipped)} left in place" if result.folded.skipped else ""
+        table.add_row("BatchNorm folded", f"{len(result.folded.folded)}{kept}")
+    for check in result.checks:
+        verdict = "ok" if check.ok else "OUT OF TOLERANCE"
+        table.add_row(
+            f"onnxruntime, batch {check.batch}",
+            f"max difference {check.max_abs:.2e} ({check.max_rel:.2e} relative) — {verdict}",
+        )
+    console.print(table)
+
+
+EPOCH_COLUMNS = ("epoch", "train loss", "train acc", "val loss", "val acc", "temperature", "s")
+
+
+def epoch_table(title: str) -> Table:
+    """The per-epoch table ``dynconv finetune`` fills as it trains."""
+    return Table(*EPOCH_COLUMNS, title=title, title_justify="left")
+
+
+def epoch_row(log: EpochLog) -> tuple[str, ...]:
+    """One epoch's cells, in :data:`EPOCH_COLUMNS` order."""
+    temperature = "—" if log.temperature is None else f"{log.temperature:.1f}"
+    return (
+        str(log.epoch),
+        f"{log.train_loss:.4f}",
+        f"{log.train_acc:.3f}",
+        f"{log.val_loss:.4f}",
+        f"{log.val_acc:.3f}",
+        temperature,
+        f"{log.seconds:.1f}",
+    )
+
+
+def epoch_line(row: tuple[str, ...]) -> str:
+    """One epoch as a log line (stderr), for runs whose table is only printed at the end."""
+    return (
+        f"epoch {row[0]}: train loss {row[1]} acc {row[2]}, val loss {row[3]} acc {row[4]}, "
+        f"temperature {row[5]} ({row[6]} s)"
+    )
+
+
+def recipes_table(recipes: Mapping[str, Recipe]) -> Table:
+    """``dynconv recipes``: name, model and description of each shipped recipe."""
+    table = Table("recipe", "model", "description")
+    for name, spec in recipes.items():
+        table.add_row(name, spec.model.name if spec.model else "any", spec.description)
+    return table
+
+
+def kinds_text(layers: Mapping[str, type[DynamicConv2d]], width: int = 78) -> str:
+    """``dynconv kinds``: each kind's paper, formula, routing, cost, speed and options, as plain text."""
+    blocks = []
+    for name, cls in layers.items():
+        info = cls.info
+        options = ", ".join(f"{o.name}={o.default!r}" for o in cls.option_specs().values()) or "none"
+        lines = [f"{name}  {info.title}  (dynconv.{cls.__name__})"]
+        for label, text in (
+            ("kernel", info.formula),
+            ("routing", info.routing),
+            ("parameters", info.parameters),
+            ("speed", info.speed),
+            ("options", options),
+        ):
+            lines += textwrap.wrap(
+                text, width, initial_indent=f"  {label + ':':<12}", subsequent_indent=" " * 14, break_on_hyphens=False
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -1,0 +1,189 @@
+"""Deployment: ONNX export with a dynamic batch (API and CLI), torch.compile, channels_last."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+import torch
+from deploy_models import KINDS, batch, compare_arrays, converted_models, trained_like
+from torch import nn
+from typer.testing import CliRunner
+
+import convert
+import dynconv
+from convert.cli import app
+from convert.errors import OutputPathError
+from convert.export import ExportError, export_onnx
+
+TESTS = Path(__file__).resolve().parent
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[tuple[str, str], nn.Module]:
+    return converted_models()
+
+
+# ------------------------------------------------------------------- ONNX export
+
+
+def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+
+
+@pytest.mark.parametrize(("name", "kind", "fold"), [("resnet18", "condconv", True), ("mobilenet_v2", "dynet", False)])
+def test_onnx_export_has_a_dynamic_batch(models, tmp_path, name, kind, fold) -> None:
+    model = models[(name, kind)]
+    path = tmp_path / "m.onnx"
+    result = export_onnx(model, path, input_shape=(3, 64, 64), fold_bn=fold)
+    assert [c.batch for c in result.checks] == [1, 3] and all(c.ok for c in result.checks)
+    assert (result.folded is not None) == fold
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"], "staging files were left behind"
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == "batch"  # symbolic, not baked in
+    assert session.get_modelmeta().custom_metadata_map["dynconv.dynamic_layers"] == str(
+        len(dynconv.dynamic_layers(model))
+    )
+    for n in (1, 5):  # checked independently of the exporter's own check, at another batch size too
+        x = batch(n)
+        with torch.no_grad():
+            expected = model(x)
+        assert compare_arrays(run_onnx(path, x), expected)
+
+
+def test_the_grouped_fold_cannot_export_a_dynamic_batch(tmp_path) -> None:
+    """The premise: forcing the batch-folding strategy breaks export, and nothing is written."""
+    model = nn.Sequential(dynconv.CondConv2d.from_conv(nn.Conv2d(3, 4, 3), experts=2)).eval()
+    model[0].strategy = "grouped"
+    with pytest.raises(ExportError, match="does not run in ONNX Runtime at batch 1"):
+        export_onnx(model, tmp_path / "g.onnx", input_shape=(3, 8, 8))
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_refuses_an_existing_output_and_keeps_it(tmp_path) -> None:
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"keep me")
+    with pytest.raises(OutputPathError, match="already exists"):
+        export_onnx(nn.Conv2d(3, 3, 1), path, input_shape=(3, 8, 8))
+    assert path.read_bytes() == b"keep me"
+
+
+def test_export_check_failure_writes_nothing(tmp_path) -> None:
+    sys.path.insert(0, str(TESTS))
+    from cli_models import noisy_net
+
+    path = tmp_path / "noisy.onnx"
+    path.write_bytes(b"old")
+    with pytest.raises(ExportError, match="differs from PyTorch"):
+        export_onnx(noisy_net().eval(), path, input_shape=(3, 16, 16), overwrite=True)
+    assert path.read_bytes() == b"old" and sorted(p.name for p in tmp_path.iterdir()) == ["noisy.onnx"]
+
+
+# ------------------------------------------------------------------- the CLI
+
+
+def cli(*args: object):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("deploy")
+    weights = folder / "resnet18.pth"
+    torch.save(trained_like("resnet18").state_dict(), weights)
+    path = folder / "r18.safetensors"
+    result = cli("convert", "resnet18", "--kind", "dyconv", "--weights", weights, "-o", path, "--input-size", 64)
+    assert result.exit_code == 0, result.stderr
+    return path
+
+
+def test_cli_export_fold_bn_json(checkpoint, tmp_path) -> None:
+    import json
+
+    path = tmp_path / "m.onnx"
+    result = cli("export", checkpoint, "--onnx", path, "--fold-bn", "--batch", 1, "--batch", 4, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert [c["batch"] for c in report["checks"]] == [1, 4] and all(c["ok"] for c in report["checks"])
+    assert len(report["folded_batchnorm"]) == 20 and report["input_shape"] == ["batch", 3, 64, 64]
+    loaded = convert.load_checkpoint(checkpoint)
+    x = batch(2)
+    with torch.no_grad():
+        assert compare_arrays(run_onnx(path, x), loaded(x))
+    again = cli("export", checkpoint, "--onnx", path)
+    assert again.exit_code == 2 and "already exists; pass --force" in again.stderr
+    table = cli("export", checkpoint, "--onnx", path, "--force")
+    assert table.exit_code == 0 and "onnxruntime, batch 3" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--onnx", "out.txt"], "should end in .onnx"),
+        (["--onnx", "missing/out.onnx"], "folder missing does not exist"),
+        (["--onnx", "out.onnx", "--batch", 0], "must be positive"),
+    ],
+)
+def test_cli_export_user_errors(checkpoint, tmp_path, args, message) -> None:
+    old = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        result = cli("export", checkpoint, *args)
+    finally:
+        os.chdir(old)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_export_check_failure_exits_1(tmp_path) -> None:
+    path = tmp_path / "noisy.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    cmd = [sys.executable, "-m", "convert.cli"]
+    made = subprocess.run(
+        [*cmd, "convert", "cli_models:noisy_net", "--no-verify", "-o", str(path), "--input-size", "16"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert made.returncode == 0, made.stderr
+    result = subprocess.run(
+        [*cmd, "export", path, "--onnx", tmp_path / "n.onnx", "--model", "cli_models:noisy_net"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and "differs from PyTorch" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "n.onnx").exists()
+
+
+# ------------------------------------------------------------------- compile, channels_last
+
+
+@pytest.mark.parametrize(("name", "kind"), [("resnet18", "dyconv"), ("mobilenet_v2", "condconv")])
+def test_torch_compile_gives_the_same_outputs(models, name, kind) -> None:
+    model = models[(name, kind)]
+    compiled = torch.compile(model)  # one batch size: one compilation (a minute on 2 cores)
+    x = batch(3)
+    with torch.no_grad():
+        assert compare_arrays(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_channels_last_gives_the_same_outputs(models, name, kind) -> None:
+    import copy
+
+    model = models[(name, kind)]
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = batch(4)
+    with torch.no_grad():
+        expected = model(x)
+        actual = last(x.contiguous(memory_format=torch.channels_last))
+    assert compare_arrays(actual, expected)
+    assert all(layer.weight.is_contiguous() for layer in dynconv.dynamic_layers(last).values())
