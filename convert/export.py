@@ -1,20 +1,27 @@
-"""ONNX export with a dynamic batch axis, checked with ONNX Runtime before it is written.
+"""ONNX export for the batch it will run at, checked with ONNX Runtime before it is written.
 
-The usual dynamic-conv trick folds the batch into a conv's ``groups``, a static ONNX
-attribute, so the exported graph only runs at the traced batch size. Export runs
-inside ``strategy_scope(*EXPORTABLE_STRATEGIES)``: batched matmul for 1x1 kernels,
-im2col + batched matmul or output mixing for the rest, none of which bakes in the
-batch. The file is written to a temporary folder beside the output, run in ONNX
-Runtime at every checked batch size against the PyTorch model, and moved into place
-only if every check is within the contract's tolerance.
+With ``batch=None`` the batch axis stays dynamic: the core sees a symbolic batch and
+picks batch-agnostic forms by itself (batched matmul for 1x1 kernels, output mixing
+for depthwise and big kernels on small maps, im2col + batched matmul for the rest).
+With a number the graph is for that batch only and uses the fastest form for it:
+at batch 1 the kernel is mixed once and run as one ``Conv`` with a computed weight,
+at a larger batch the batch is folded into the conv's groups (the usual dynamic-conv
+trick, whose ``groups`` attribute bakes the batch in). Which forms were traced is
+recorded in the ONNX metadata (``dynconv.strategies``). The file is written to a
+temporary folder beside the output, run in ONNX Runtime at every checked batch size
+against the PyTorch model, and moved into place only if every check is within the
+contract's tolerance.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import tempfile
 import time
 import warnings
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +30,7 @@ import torch
 from torch import nn
 
 import dynconv
+from dynconv import strategies
 
 from .errors import UserError, WorkFailedError, check_output_path, first_line
 from .folding import FoldResult, fold_batchnorm
@@ -60,6 +68,8 @@ class ExportResult:
     checks: list[BatchCheck] = field(default_factory=list)
     folded: FoldResult | None = None
     seconds: float = 0.0
+    batch: int | None = None  # None: the batch axis is dynamic
+    strategies: dict[str, int] = field(default_factory=dict)  # core form -> dynamic layers traced with it
 
 
 def _onnxruntime():  # the module; imported late because export is an optional extra
@@ -74,16 +84,24 @@ def _onnxruntime():  # the module; imported late because export is an optional e
     return onnxruntime
 
 
-def _trace(model: nn.Module, example: torch.Tensor, opset: int | None) -> torch.onnx.ONNXProgram:
-    batch = torch.export.Dim("batch")
-    with dynconv.strategy_scope(*dynconv.EXPORTABLE_STRATEGIES), warnings.catch_warnings():
+#: Core forms for a graph of one fixed batch size, fastest first (benchmarks/deploy.py).
+FIXED_BATCH_STRATEGIES = {1: ("single",), 0: ("grouped",)}
+
+
+def _trace(
+    model: nn.Module, example: torch.Tensor, opset: int | None, batch: int | None
+) -> tuple[torch.onnx.ONNXProgram, list[str]]:
+    fixed = contextlib.nullcontext()
+    if batch is not None:
+        fixed = dynconv.strategy_scope(*FIXED_BATCH_STRATEGIES[1 if batch == 1 else 0])
+    with fixed, strategies.record_strategies() as chosen, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return torch.onnx.export(
+            program = torch.onnx.export(
                 model,
                 (example,),
                 dynamo=True,
-                dynamic_shapes=({0: batch},),
+                dynamic_shapes=None if batch is not None else ({0: torch.export.Dim("batch")},),
                 input_names=["input"],
                 output_names=["output"],
                 opset_version=opset,
@@ -91,6 +109,7 @@ def _trace(model: nn.Module, example: torch.Tensor, opset: int | None) -> torch.
             )
         except Exception as exc:
             raise ExportError(f"torch.onnx could not export {type(model).__name__}: {first_line(exc)}") from None
+    return program, chosen
 
 
 def _check(
@@ -119,14 +138,18 @@ def export_onnx(
     model: nn.Module,
     path: str | Path,
     *,
+    batch: int | None = None,
     input_shape: tuple[int, int, int] | None = None,
     fold_bn: bool = False,
-    check_batches: Sequence[int] = CHECK_BATCHES,
+    check_batches: Sequence[int] | None = None,
     overwrite: bool = False,
     opset: int | None = None,
 ) -> ExportResult:
-    """Export ``model`` (eval mode) to ONNX with a dynamic batch axis; check it; write it atomically.
+    """Export ``model`` (eval mode) to ONNX; check it in ONNX Runtime; write it atomically.
 
+    ``batch=None`` keeps the batch axis dynamic (checked at ``check_batches``, default
+    1 and 3); a number exports a graph for that batch size only, with the fastest core
+    form for it (checked at that batch).
     ``input_shape`` is ``(C, H, W)`` (default: what the model expects). With ``fold_bn``
     every BatchNorm that directly follows a conv is folded into it first; the check
     still compares against ``model`` unfolded, so it covers the fold too. Raises
@@ -137,21 +160,30 @@ def export_onnx(
     start = time.perf_counter()
     path = Path(path)
     check_output_path(path, overwrite)
+    if batch is not None and (not isinstance(batch, int) or batch < 1):
+        raise UserError(f"batch must be a positive integer or None (dynamic), got {batch!r}")
+    if check_batches is None:
+        check_batches = CHECK_BATCHES if batch is None else (batch,)
     if not check_batches or min(check_batches) < 1:
         raise UserError(f"check batch sizes must be positive, got {list(check_batches)}")
+    if batch is not None and set(check_batches) != {batch}:
+        raise UserError(f"a graph exported for batch {batch} runs only at that batch, not at {list(check_batches)}")
     ort = _onnxruntime()
     input_shape = tuple(input_shape or default_input_size(model))  # type: ignore[assignment]
     folded = fold_batchnorm(model) if fold_bn else None
     target = folded.model if folded else model
-    example = torch.randn(2, *input_shape, generator=torch.Generator().manual_seed(1))
+    example = torch.randn(batch or 2, *input_shape, generator=torch.Generator().manual_seed(1))
     was_training = target.training
     try:  # export the eval-mode model in place: no copy of a possibly large model
-        program = _trace(target.eval(), example, opset)
+        program, chosen = _trace(target.eval(), example, opset, batch)
     finally:
         target.train(was_training)
+    traced = dict(Counter(chosen))
     program.model.metadata_props["dynconv.version"] = dynconv.__version__
     program.model.metadata_props["dynconv.dynamic_layers"] = str(len(dynconv.dynamic_layers(target)))
     program.model.metadata_props["dynconv.folded_batchnorms"] = str(len(folded.folded) if folded else 0)
+    program.model.metadata_props["dynconv.batch"] = "dynamic" if batch is None else str(batch)
+    program.model.metadata_props["dynconv.strategies"] = json.dumps(traced, sort_keys=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as staging:
         staged = Path(staging) / path.name
         program.save(staged)
@@ -169,4 +201,5 @@ def export_onnx(
         for item in sorted(Path(staging).iterdir(), key=lambda p: p == staged):  # external data first, graph last
             os.replace(item, path.parent / item.name)
     opset_used = next((v for d, v in program.model.opset_imports.items() if d == ""), opset or 0)
-    return ExportResult(path, input_shape, int(opset_used), checks, folded, time.perf_counter() - start)
+    seconds = time.perf_counter() - start
+    return ExportResult(path, input_shape, int(opset_used), checks, folded, seconds, batch, traced)

@@ -98,6 +98,7 @@ def dynamic_conv2d(
         raise ValueError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
     elif not applicable(strategy, input.shape[0], geom):
         raise ValueError(f"strategy {strategy!r} cannot compute a {geom.kernel} conv at batch {input.shape[0]}")
+    strategies.note_strategy(strategy)
     if not torch.is_autocast_enabled(input.device.type):
         routing = routing.to(weight.dtype)
     out = STRATEGIES[strategy](input, weight, routing, bias, geom)

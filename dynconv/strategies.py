@@ -211,8 +211,25 @@ STRATEGIES: dict[str, StrategyFn] = {
 EXPORTABLE_STRATEGIES = ("matmul", "unfold", "output")
 
 
+def is_symbolic(batch: int | torch.SymInt) -> bool:
+    """Whether the batch size is a symbol (torch.export with a dynamic batch)."""
+    return not isinstance(batch, int)
+
+
+def serves_any_batch(batch: int | torch.SymInt) -> bool:
+    """Whether the graph being built must run at other batch sizes: a symbolic batch (torch.export)
+    or torch.compile, whose dynamo shows a dynamic batch as an int. Batch 1 keeps its own
+    graph (dynamo and export specialise it anyway), and asking ``batch == 1`` only of an
+    int adds no guard."""
+    if is_symbolic(batch):
+        return True
+    return torch.compiler.is_compiling() and batch != 1
+
+
 def applicable(name: str, batch: int, geom: ConvGeometry) -> bool:
-    """Whether strategy ``name`` can compute this call at all."""
+    """Whether strategy ``name`` can compute this call at all (for a symbolic batch: for every batch)."""
+    if is_symbolic(batch):
+        return name in EXPORTABLE_STRATEGIES and (name != "matmul" or geom.pointwise)
     if name == "single":
         return batch == 1
     if name == "matmul":
@@ -246,6 +263,24 @@ def allowed_strategies() -> tuple[str, ...] | None:
     return getattr(_scope, "allowed", None)
 
 
+@contextlib.contextmanager
+def record_strategies() -> Iterator[list[str]]:
+    """Collect the strategy of every core call inside the block (what an export traced)."""
+    previous = getattr(_scope, "record", None)
+    _scope.record = chosen = []
+    try:
+        yield chosen
+    finally:
+        _scope.record = previous
+
+
+def note_strategy(name: str) -> None:
+    """Add ``name`` to the active :func:`record_strategies` list, if any."""
+    record = getattr(_scope, "record", None)
+    if record is not None:
+        record.append(name)
+
+
 def preference(
     batch: int,
     c_in: int,
@@ -267,6 +302,8 @@ def preference(
     """
     pixels = out_hw[0] * out_hw[1]
     per_group_in = c_in // geom.groups
+    if serves_any_batch(batch):  # one graph for every batch: no branch on its value, nothing folded into groups
+        return batch_agnostic_preference(pixels, per_group_in, geom, kernel_bytes)
     if geom.pointwise and per_group_in > 1:
         return ("matmul", "single", "grouped", "unfold", "loop", "output")
     if batch == 1:
@@ -288,6 +325,22 @@ SMALL_MAP_PIXELS = 8 * 8
 # (ResNet-18 layer4, 512x512x3x3 fp32 = 9 MB: 57 vs 114 ms at batch 16; 256 channels,
 # 2.4 MB: 12 vs 10 ms, so the fold stays).
 OUTPUT_MIN_KERNEL_BYTES = 4 * 2**20
+
+
+def batch_agnostic_preference(
+    pixels: int, per_group_in: int, geom: ConvGeometry, kernel_bytes: int
+) -> tuple[str, ...]:
+    """The order for a graph that must serve any batch size (export or compile with a dynamic batch).
+
+    1x1 kernels stay a batched matmul; depthwise kernels and big kernels on small maps
+    mix outputs (K times the MACs of a cheap conv, no per-sample kernel written);
+    the rest is im2col + batched matmul.
+    """
+    if geom.pointwise and per_group_in > 1:
+        return ("matmul", "unfold", "output")
+    if per_group_in == 1 or (pixels <= SMALL_MAP_PIXELS and kernel_bytes >= OUTPUT_MIN_KERNEL_BYTES):
+        return ("output", "unfold")
+    return ("unfold", "output")
 
 
 def choose(

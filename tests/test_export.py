@@ -57,6 +57,35 @@ def test_onnx_export_has_a_dynamic_batch(models, tmp_path, name, kind, fold) -> 
         assert compare_arrays(run_onnx(path, x), expected)
 
 
+@pytest.mark.parametrize(("size", "form"), [(1, "single"), (3, "grouped")])
+def test_onnx_export_for_a_fixed_batch_uses_the_form_for_it(models, tmp_path, size, form) -> None:
+    """Batch 1: one Conv with the mixed kernel as a computed weight; larger: the batch in the conv groups."""
+    model = models[("mobilenet_v2", "dyconv")]
+    path = tmp_path / "fixed.onnx"
+    result = export_onnx(model, path, batch=size, input_shape=(3, 64, 64))
+    layers = len(dynconv.dynamic_layers(model))
+    assert result.batch == size and result.strategies == {form: layers}
+    assert [c.batch for c in result.checks] == [size] and all(c.ok for c in result.checks)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert session.get_inputs()[0].shape[0] == size
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["dynconv.batch"] == str(size) and meta["dynconv.strategies"] == f'{{"{form}": {layers}}}'
+    x = batch(size)
+    with torch.no_grad():
+        assert compare_arrays(run_onnx(path, x), model(x))
+    with pytest.raises(convert.UserError, match="runs only at that batch"):
+        export_onnx(model, tmp_path / "other.onnx", batch=size, check_batches=(size + 1,), input_shape=(3, 64, 64))
+
+
+def test_a_dynamic_export_records_its_batch_agnostic_forms(models, tmp_path) -> None:
+    model = models[("resnet18", "condconv")]
+    result = export_onnx(model, tmp_path / "d.onnx", input_shape=(3, 64, 64))
+    assert result.batch is None and set(result.strategies) <= set(dynconv.EXPORTABLE_STRATEGIES)
+    assert sum(result.strategies.values()) == len(dynconv.dynamic_layers(model)) and "matmul" in result.strategies
+    meta = ort.InferenceSession(str(tmp_path / "d.onnx")).get_modelmeta().custom_metadata_map
+    assert meta["dynconv.batch"] == "dynamic"
+
+
 def test_the_grouped_fold_cannot_export_a_dynamic_batch(tmp_path) -> None:
     """The premise: forcing the batch-folding strategy breaks export, and nothing is written."""
     model = nn.Sequential(dynconv.CondConv2d.from_conv(nn.Conv2d(3, 4, 3), experts=2)).eval()
@@ -120,6 +149,20 @@ def test_cli_export_fold_bn_json(checkpoint, tmp_path) -> None:
     assert again.exit_code == 2 and "already exists; pass --force" in again.stderr
     table = cli("export", checkpoint, "--onnx", path, "--force")
     assert table.exit_code == 0 and "onnxruntime, batch 3" in table.stdout
+    assert "(any batch)" in table.stdout
+
+
+def test_cli_export_batch_size_prints_and_records_its_form(checkpoint, tmp_path) -> None:
+    import json
+
+    path = tmp_path / "b2.onnx"
+    result = cli("export", checkpoint, "--onnx", path, "--batch-size", 2, "--json")
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["batch"] == 2 and report["input_shape"] == [2, 3, 64, 64]
+    assert report["strategies"] == {"grouped": 19} and [c["batch"] for c in report["checks"]] == [2]
+    table = cli("export", checkpoint, "--onnx", path, "--batch-size", 1, "--force")
+    assert table.exit_code == 0 and "single 19 (this batch only)" in table.stdout, table.stdout
 
 
 @pytest.mark.parametrize(
@@ -128,6 +171,8 @@ def test_cli_export_fold_bn_json(checkpoint, tmp_path) -> None:
         (["--onnx", "out.txt"], "should end in .onnx"),
         (["--onnx", "missing/out.onnx"], "folder missing does not exist"),
         (["--onnx", "out.onnx", "--batch", 0], "must be positive"),
+        (["--onnx", "out.onnx", "--batch-size", 0], "must be positive"),
+        (["--onnx", "out.onnx", "--batch-size", 2, "--batch", 3], "runs only at that batch"),
     ],
 )
 def test_cli_export_user_errors(checkpoint, tmp_path, args, message) -> None:

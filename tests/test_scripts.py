@@ -45,7 +45,7 @@ def test_zoo_script_on_one_model(tmp_path: Path) -> None:
 @pytest.mark.skipif(online("download.pytorch.org"), reason="this machine can download weights")
 def test_pretrained_offline_fails_with_a_sentence() -> None:
     """The library's sentence names no CLI flag; the CLI adds ``--weights FILE`` from the error's hint."""
-    with pytest.raises(RuntimeError, match=r"could not download pretrained weights for 'resnet18'.*load them from it") as e:
+    with pytest.raises(RuntimeError, match=r"download pretrained weights for 'resnet18'.*load them from it") as e:
         convert.build_model("resnet18", pretrained=True)
     assert isinstance(e.value, convert.UserError) and e.value.cli_hint == "--weights FILE"
     assert "--" not in str(e.value)

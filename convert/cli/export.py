@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..checkpoint import load_checkpoint, read_metadata
-from ..export import CHECK_BATCHES, export_onnx
+from ..export import export_onnx
 from ..models import build_model
 from . import render
 from .common import Debug, Json, UsageError, check_output, command, out, step, steps
@@ -21,8 +21,13 @@ def export_cmd(
     onnx: Annotated[Path, typer.Option("--onnx", help="the .onnx file to write")],
     fold_bn: Annotated[bool, typer.Option("--fold-bn", help="fold each BatchNorm that follows a conv into it")] = False,
     input_size: Annotated[int | None, typer.Option(help="image size (default: the recorded probe size)")] = None,
+    batch_size: Annotated[
+        int | None,
+        typer.Option("--batch-size", help="export a graph for this batch only, fastest for it (default: dynamic)"),
+    ] = None,
     batch: Annotated[
-        list[int] | None, typer.Option("--batch", help="batch sizes to check in onnxruntime (default 1 and 3)")
+        list[int] | None,
+        typer.Option("--batch", help="batch sizes to check a dynamic graph at in onnxruntime (default 1 and 3)"),
     ] = None,
     model: Annotated[str | None, typer.Option(help="package.module:factory for a custom base model")] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: torch.onnx's)")] = None,
@@ -30,13 +35,17 @@ def export_cmd(
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
-    """Export a checkpoint to ONNX with a dynamic batch axis, checked with onnxruntime before it is written."""
+    """Export a checkpoint to ONNX (dynamic batch, or --batch-size N), checked with onnxruntime before it is written."""
 
     def plan() -> tuple[int, int, int]:
         if onnx.suffix != ".onnx":
             raise UsageError(f"--onnx {onnx} should end in .onnx")
         if batch is not None and min(batch) < 1:
             raise UsageError(f"--batch sizes must be positive, got {batch}")
+        if batch_size is not None and batch_size < 1:
+            raise UsageError(f"--batch-size must be positive, got {batch_size}")
+        if batch_size is not None and batch and set(batch) != {batch_size}:
+            raise UsageError(f"a graph for --batch-size {batch_size} runs only at that batch; drop --batch {batch}")
         check_output(onnx, force, "--onnx")
         channels, height, width = read_metadata(checkpoint)["input_shape"]
         if input_size is not None:
@@ -53,9 +62,10 @@ def export_cmd(
             lambda: export_onnx(
                 loaded,
                 onnx,
+                batch=batch_size,
                 input_shape=shape,
                 fold_bn=fold_bn,
-                check_batches=tuple(batch or CHECK_BATCHES),
+                check_batches=tuple(batch) if batch else None,
                 overwrite=force,
                 opset=opset,
             ),

@@ -308,7 +308,9 @@ def export_json(result: ExportResult) -> dict[str, Any]:
     return {
         "path": str(result.path),
         "file_size": result.path.stat().st_size,
-        "input_shape": ["batch", *result.input_shape],
+        "input_shape": ["batch" if result.batch is None else result.batch, *result.input_shape],
+        "batch": "dynamic" if result.batch is None else result.batch,
+        "strategies": result.strategies,
         "opset": result.opset,
         "checks": [c.__dict__ for c in result.checks],
         "folded_batchnorm": None if folded is None else [p.__dict__ for p in folded.folded],
@@ -322,7 +324,12 @@ def render_export(console: Console, result: ExportResult) -> None:
     table = Table(show_header=False, title=f"export {result.path}", title_justify="left")
     table.add_column("item")
     table.add_column("value")
-    table.add_row("input", escape(f"[batch, {', '.join(map(str, result.input_shape))}] float32"))
+    batch = "batch" if result.batch is None else str(result.batch)
+    table.add_row("input", escape(f"[{batch}, {', '.join(map(str, result.input_shape))}] float32"))
+    forms = ", ".join(f"{name} {count}" for name, count in sorted(result.strategies.items()))
+    table.add_row(
+        "dynamic layers as", f"{forms or 'none'} ({'any batch' if result.batch is None else 'this batch only'})"
+    )
     table.add_row("file", f"{result.path.stat().st_size / 2**20:.1f} MiB, opset {result.opset}")
     if result.folded is not None:
         kept = f", {len(result.folded.skipped)} left in place" if result.folded.skipped else ""

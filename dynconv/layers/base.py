@@ -32,6 +32,28 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 TF_SAME = "tf_same"
 
 
+def pad_by_hand(
+    x: Tensor,
+    tf_same: bool,
+    pad: tuple[int, int, int, int],
+    mode: str,
+    kernel: IntPair,
+    stride: IntPair,
+    dilation: IntPair,
+) -> Tensor:
+    """Pad where ``F.conv2d`` cannot: TF 'same' (from the input's size) or a non-zero ``padding_mode``."""
+    if tf_same:
+        pad = tf_same_padding(x.shape[-2:], kernel, stride, dilation)
+    return F.pad(x, pad, mode="constant" if mode == "zeros" else mode)
+
+
+# torch.fx (torchvision's create_feature_extractor, BatchNorm folding) records these as
+# leaf calls: they branch on shapes, which a symbolic trace cannot, and pick the strategy
+# when the traced graph runs, for the batch it gets.
+for _leaf in ("dynamic_conv2d", "standardized_routing", "mix_bias", "add_bias", "pad_by_hand"):
+    torch.fx.wrap(_leaf)
+
+
 class DynamicConv2d(nn.Module):
     """Base class: a ``Conv2d`` whose kernel is mixed per sample from ``experts`` kernels."""
 
@@ -251,14 +273,11 @@ class DynamicConv2d(nn.Module):
 
     def _pad_input(self, x: Tensor) -> tuple[Tensor, Padding]:
         """Pad by hand where ``F.conv2d`` cannot: non-zero ``padding_mode`` or TF 'same'."""
-        if self.padding == TF_SAME:
-            pad = tf_same_padding(x.shape[-2:], self.kernel_size, self.stride, self.dilation)
-        elif self.padding_mode != "zeros":
-            pad = self._geometry.pad
-        else:
+        tf_same = self.padding == TF_SAME
+        if not tf_same and self.padding_mode == "zeros":
             return x, self.padding
-        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
-        return F.pad(x, pad, mode=mode), 0
+        pad = (0, 0, 0, 0) if tf_same else self._geometry.pad
+        return pad_by_hand(x, tf_same, pad, self.padding_mode, self.kernel_size, self.stride, self.dilation), 0
 
     def forward(self, x: Tensor) -> Tensor:
         routing = self.route(x)

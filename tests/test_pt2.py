@@ -1,0 +1,100 @@
+"""Converted models in PyTorch's compiler stack, with no dynconv context: torch.export with a
+dynamic batch, torch.fx (create_feature_extractor, BatchNorm folding), torch.compile(dynamic=True)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deploy_models import batch, compare_arrays, routing_varies
+from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+import convert
+import dynconv
+from convert.folding import fold_batchnorm
+from convert.verify import signal_preserving_init
+
+
+def converted(name: str, kind: str = "condconv") -> nn.Module:
+    """``name`` (seeded, signal-preserving) converted at 64x64, routers moved off zero."""
+    torch.manual_seed(0)
+    model = convert.convert_model(signal_preserving_init(convert.build_model(name)).eval(), kind=kind, input_size=64)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for layer in dynconv.dynamic_layers(model.model).values():
+            for fc in layer.router.modules():
+                if isinstance(fc, nn.Linear):
+                    fc.weight.copy_(torch.randn(fc.weight.shape, generator=gen) / fc.in_features**0.5)
+    return model.model.eval()
+
+
+@pytest.mark.parametrize(
+    ("name", "kind"), [("resnet18", "condconv"), ("mobilenet_v3_large", "dyconv"), ("tf_efficientnet_b0", "dynet")]
+)
+def test_torch_export_with_a_dynamic_batch_matches_eager(name, kind) -> None:
+    model = converted(name, kind)
+    program = torch.export.export(model, (batch(2),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    exported = program.module()
+    for n in (1, 5):
+        x = batch(n)
+        assert n == 1 or routing_varies(model, x)
+        with torch.no_grad():
+            assert compare_arrays(exported(x), model(x)), (name, n)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "efficientnet_b0"])
+def test_fx_feature_extractor_gives_the_eager_feature_maps(name) -> None:
+    model = converted(name)
+    for module in model.modules():  # in-place activations would overwrite the feature maps compared below
+        if getattr(module, "inplace", False):
+            module.inplace = False
+    traced = torch.fx.symbolic_trace(model)
+    x = batch(3)
+    with torch.no_grad():
+        assert compare_arrays(traced(x), model(x))
+    modules = dict(model.named_modules())
+    leaves = [n for n in get_graph_node_names(model)[1] if n in modules]  # module outputs: eager values by hooks
+    taken = {"mid": leaves[len(leaves) // 2], "late": leaves[-3]}
+    extractor = create_feature_extractor(model, return_nodes={node: key for key, node in taken.items()})
+    captured: dict[str, torch.Tensor] = {}
+    hooks = [
+        modules[node].register_forward_hook(lambda m, i, o, key=key: captured.__setitem__(key, o.clone()))
+        for key, node in taken.items()
+    ]
+    with torch.no_grad():
+        features = extractor(x)
+        model(x)
+    for h in hooks:
+        h.remove()
+    assert set(features) == set(captured) == set(taken)
+    for key, value in captured.items():
+        assert compare_arrays(features[key], value), key
+    folded = fold_batchnorm(model)
+    assert folded.folded and not folded.skipped
+    with torch.no_grad():
+        assert compare_arrays(folded.model(x), model(x))
+
+
+def test_compile_with_a_dynamic_batch_has_no_graph_break_and_no_more_recompiles_than_static() -> None:
+    from torch._dynamo.utils import counters
+
+    static = signal_preserving_init(convert.build_model("resnet18")).eval()
+    model = converted("resnet18")
+    explanation = torch._dynamo.explain(model)(batch(3))
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, explanation.break_reasons
+
+    def graphs_after_each_batch(m: nn.Module) -> list[int]:
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(m, dynamic=True, backend="eager")
+        seen = []
+        with torch.no_grad():
+            for n in (1, 3, 16):
+                assert compare_arrays(compiled(batch(n)), m(batch(n)))
+                seen.append(counters["stats"]["unique_graphs"])
+        return seen
+
+    static_graphs, converted_graphs = graphs_after_each_batch(static), graphs_after_each_batch(model)
+    # dynamo specialises batch 1 and guards sizes in its own conv rules, for the static model too:
+    # the converted model must compile exactly as often as the static one, never once per batch
+    assert converted_graphs == static_graphs, (converted_graphs, static_graphs)
