@@ -2,7 +2,7 @@
 
 Run by hand on a quiet machine (timings never gate tests):
 
-    python benchmarks/models.py            # writes results/models.md and results/deploy.md
+    python benchmarks/models.py            # writes results/models.md and results/compile.md
     python benchmarks/models.py --quick    # resnet18 only, fewer rounds, prints only
 
 For every model and batch size, all variants (static, condconv, dyconv, dynet; eager
@@ -187,8 +187,8 @@ def main() -> None:
     print(text_deploy)
     if not args.quick:
         (RESULTS / "models.md").write_text(text_models)
-        (RESULTS / "deploy.md").write_text(text_deploy)
-        print(f"wrote {RESULTS / 'models.md'} and {RESULTS / 'deploy.md'}")
+        (RESULTS / "compile.md").write_text(text_deploy)
+        print(f"wrote {RESULTS / 'models.md'} and {RESULTS / 'compile.md'}")
 
 
 def summary(results: dict[str, dict]) -> list[str]:
