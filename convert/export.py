@@ -4,8 +4,8 @@ With ``batch=None`` the batch axis stays dynamic: the core sees a symbolic batch
 picks batch-agnostic forms by itself (batched matmul for 1x1 kernels, output mixing
 for depthwise and big kernels on small maps, im2col + batched matmul for the rest).
 With a number the graph is for that batch only and uses the fastest form for it:
-at batch 1 the kernel is mixed once and run as one ``Conv`` with a computed weight,
-at a larger batch the batch is folded into the conv's groups (the usual dynamic-conv
+at batch 1 the kernel is mixed once and run as one ``Conv`` with a computed weight
+(a ``MatMul`` for 1x1 kernels), at a larger batch the batch is folded into the conv's groups (the usual dynamic-conv
 trick, whose ``groups`` attribute bakes the batch in). Which forms were traced is
 recorded in the ONNX metadata (``dynconv.strategies``). The file is written to a
 temporary folder beside the output, run in ONNX Runtime at every checked batch size
@@ -22,7 +22,7 @@ import tempfile
 import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,17 +84,39 @@ def _onnxruntime():  # the module; imported late because export is an optional e
     return onnxruntime
 
 
-#: Core forms for a graph of one fixed batch size, fastest first (benchmarks/deploy.py).
-FIXED_BATCH_STRATEGIES = {1: ("single",), 0: ("grouped",)}
+def fixed_batch_form(layer: dynconv.DynamicConv2d, batch: int) -> str:
+    """The core form for a graph of one batch size, the fastest measured in ONNX Runtime (benchmarks/deploy.py).
+
+    At batch 1, 1x1 kernels run as a MatMul with the mixed kernel and the rest as one
+    Conv with it; at a larger batch every kernel runs with the batch folded into the
+    conv's groups (output mixing for depthwise kernels and batched matmul for 1x1
+    ones measured slower there).
+    """
+    pointwise = layer.kernel_size == (1, 1) and layer.in_channels > layer.groups and layer.padding_mode == "zeros"
+    if batch == 1:
+        return "matmul" if pointwise else "single"
+    return "grouped"
+
+
+@contextlib.contextmanager
+def _forms_for_batch(model: nn.Module, batch: int | None) -> Iterator[None]:
+    """Pin every unpinned dynamic layer to its fixed-batch form while tracing (nothing for a dynamic batch)."""
+    layers = [m for m in model.modules() if isinstance(m, dynconv.DynamicConv2d) and m.strategy is None]
+    if batch is not None:
+        for layer in layers:
+            layer.strategy = fixed_batch_form(layer, batch)
+    try:
+        yield
+    finally:
+        if batch is not None:
+            for layer in layers:
+                layer.strategy = None
 
 
 def _trace(
     model: nn.Module, example: torch.Tensor, opset: int | None, batch: int | None
 ) -> tuple[torch.onnx.ONNXProgram, list[str]]:
-    fixed = contextlib.nullcontext()
-    if batch is not None:
-        fixed = dynconv.strategy_scope(*FIXED_BATCH_STRATEGIES[1 if batch == 1 else 0])
-    with fixed, strategies.record_strategies() as chosen, warnings.catch_warnings():
+    with _forms_for_batch(model, batch), strategies.record_strategies() as chosen, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(

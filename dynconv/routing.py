@@ -114,24 +114,40 @@ class SoftmaxRouter(Router):
 
 
 class ChannelRouter(Router):
-    """DyNet coefficients: ``linear(GAP(x))`` as ``[B, K, C_out]``, softmax over the experts."""
+    """DyNet coefficients: ``linear(GAP(x))`` as ``[B, K, C_out]``, softmax over the experts.
+
+    With ``reduction`` the linear map gets a bottleneck in front (``linear -> ReLU``,
+    ``max(C_in // reduction, min_hidden)`` wide), so the router no longer grows as
+    ``C_in x K x C_out``.
+    """
 
     sums_to_one = True
 
-    def __init__(self, in_channels: int, out_channels: int, experts: int) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, experts: int, reduction: int | None = None, min_hidden: int = 16
+    ) -> None:
         super().__init__()
         self.experts = experts
         self.out_channels = out_channels
-        self.fc = nn.Linear(in_channels, experts * out_channels)
+        if reduction is None:
+            self.hidden: nn.Module = nn.Identity()
+            width = in_channels
+        else:
+            if reduction < 1:
+                raise ValueError(f"reduction must be >= 1, got {reduction}")
+            width = max(in_channels // reduction, min_hidden)
+            self.hidden = nn.Sequential(nn.Linear(in_channels, width), nn.ReLU())
+        self.fc = nn.Linear(width, experts * out_channels)
 
     def uniform_total(self) -> float:
         return 1.0
 
     def zero_(self) -> ChannelRouter:
+        """Zero the output layer only: a bottleneck keeps random features so ``fc`` gets gradients."""
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        logits = self.fc(global_pool(x)).reshape(-1, self.experts, self.out_channels)  # batch stays symbolic
+        logits = self.fc(self.hidden(global_pool(x))).reshape(-1, self.experts, self.out_channels)  # batch symbolic
         return torch.softmax(logits, dim=1)

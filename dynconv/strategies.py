@@ -73,8 +73,9 @@ def _conv(x: Tensor, w: Tensor, b: Tensor | None, geom: ConvGeometry, groups: in
 
 def single(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
     """Batch of one: mix the kernel once and run one ordinary convolution."""
-    mixed_b = mix_bias(bias, routing)
-    return _conv(x, mix_kernels(weight, routing)[0], None if mixed_b is None else mixed_b[0], geom, geom.groups)
+    mixed_b = mix_bias(bias, routing)  # reshape, not [0]: an exported graph then has no Gather
+    kernel = mix_kernels(weight, routing).reshape(weight.shape[1:])
+    return _conv(x, kernel, None if mixed_b is None else mixed_b.reshape(-1), geom, geom.groups)
 
 
 def loop(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
@@ -327,9 +328,7 @@ SMALL_MAP_PIXELS = 8 * 8
 OUTPUT_MIN_KERNEL_BYTES = 4 * 2**20
 
 
-def batch_agnostic_preference(
-    pixels: int, per_group_in: int, geom: ConvGeometry, kernel_bytes: int
-) -> tuple[str, ...]:
+def batch_agnostic_preference(pixels: int, per_group_in: int, geom: ConvGeometry, kernel_bytes: int) -> tuple[str, ...]:
     """The order for a graph that must serve any batch size (export or compile with a dynamic batch).
 
     1x1 kernels stay a batched matmul; depthwise kernels and big kernels on small maps

@@ -116,7 +116,7 @@ class DynamicConv2d(nn.Module):
         bound = inspect.signature(self._build_router).bind(**router_options)
         bound.apply_defaults()
         for spec in self.option_specs().values():
-            if spec.bounds is not None:
+            if spec.bounds is not None and bound.arguments[spec.name] is not None:
                 spec.bounds.check(spec.name, bound.arguments[spec.name])
         #: The router options in force, defaults included (recorded in checkpoints).
         self.router_options: dict[str, Any] = dict(bound.arguments)
