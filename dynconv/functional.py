@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import strategies
 from .geometry import ConvGeometry, IntPair, Padding
+from .opaque import call_opaque, use_opaque_op
 from .strategies import EXPORTABLE_STRATEGIES, STRATEGIES, applicable, strategy_scope
 
 __all__ = ["EXPORTABLE_STRATEGIES", "STRATEGIES", "dynamic_conv2d", "select_strategy", "strategy_scope"]
@@ -92,16 +93,31 @@ def dynamic_conv2d(
     geom.output_size(input.shape[2], input.shape[3])  # raises on inputs smaller than the kernel
     tensors = (input, weight, routing) if bias is None else (input, weight, routing, bias)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    if strategy is None:
-        strategy = select_strategy(input, weight, geom, needs_grad)
-    elif strategy not in STRATEGIES:
+    if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
-    elif not applicable(strategy, input.shape[0], geom):
+    if strategy is not None and not applicable(strategy, input.shape[0], geom):
         raise ValueError(f"strategy {strategy!r} cannot compute a {geom.kernel} conv at batch {input.shape[0]}")
-    strategies.note_strategy(strategy)
     if not torch.is_autocast_enabled(input.device.type):
         routing = routing.to(weight.dtype)
-    out = STRATEGIES[strategy](input, weight, routing, bias, geom)
+    if use_opaque_op(input.shape[0], needs_grad, strategy):
+        return call_opaque(input, weight, routing, bias, geom)
+    out = run_core(input, weight, routing, bias, geom, needs_grad, strategy)
     if strategies.is_channels_last(input):
         return out.contiguous(memory_format=torch.channels_last)
     return out.contiguous()
+
+
+def run_core(
+    input: Tensor,
+    weight: Tensor,
+    routing: Tensor,
+    bias: Tensor | None,
+    geom: ConvGeometry,
+    needs_grad: bool,
+    strategy: str | None = None,
+) -> Tensor:
+    """Pick the strategy (unless forced), record it, and compute; arguments already checked."""
+    if strategy is None:
+        strategy = select_strategy(input, weight, geom, needs_grad)
+    strategies.note_strategy(strategy)
+    return STRATEGIES[strategy](input, weight, routing, bias, geom)
