@@ -5,10 +5,12 @@ first of them reads the block's own input: torchvision's ``InvertedResidual``, `
 ``BasicBlock``/``Bottleneck``, timm's ``InvertedResidual``, ``EdgeResidual``,
 ``DepthwiseSeparableConv``, ``Bottleneck`` all are. One probe forward with hooks records,
 for every module, the converted convs that ran inside its call and whether each read the
-module's input tensor. Blocks are then the smallest such modules, each widened to its
-outermost ancestor that still holds no other block (so ``features.5.0`` rather than its
-inner ``features.5.0.block``, and a RegNet block with its side projection rather than
-the transform alone); a stage that runs several blocks is never a block.
+module's input tensor. Blocks are then the smallest such modules (of those running the
+same convs, the outermost that is not a plain ``nn.Sequential``: ``features.5.0`` rather
+than its inner ``features.5.0.block`` or a one-block stage ``features.7``), each widened to
+its outermost ancestor that is no ``nn.Sequential`` and holds no other block (a RegNet
+block with its side projection rather than the transform alone). A stage that runs
+several blocks is never a block.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class ModuleCall:
 
     name: str
     type: str
+    container: bool  # an nn.Sequential: a block's inner body or a stage, never preferred as the block
     calls: int = 0
     layers: list[str] = field(default_factory=list)
     reads_input: list[bool] = field(default_factory=list)
@@ -97,7 +100,7 @@ def record_calls(
     for name, module in model.named_modules():
         if not name or id(module) in inside:
             continue
-        record = records[name] = ModuleCall(name, type(module).__name__)
+        record = records[name] = ModuleCall(name, type(module).__name__, isinstance(module, nn.Sequential))
         handles.append(module.register_forward_pre_hook(enter(record)))
         handles.append(module.register_forward_hook(leave, always_call=True))
     for layer in layers.values():
@@ -143,11 +146,14 @@ def find_blocks(model: nn.Module, layers: dict[str, DynamicConv2d], input_shape:
     # the smallest modules running several converted convs
     sets = {n: set(r.layers) for n, r in several.items()}
     minimal = [n for n in several if not any(other < sets[n] for other in sets.values())]
-    outermost: dict[frozenset[str], str] = {}  # a block and its inner Sequential run the same convs
+    # A block, its inner Sequential and a one-block stage run the same convs: take the block,
+    # the outermost module of them that is not a plain Sequential (or the outermost one).
+    outermost: dict[frozenset[str], str] = {}
     for n in minimal:
         if _refusal(several[n], counts) is None:
             key = frozenset(several[n].layers)
-            if key not in outermost or n.count(".") < outermost[key].count("."):
+            rank = (several[n].container, n.count("."))
+            if key not in outermost or rank < (several[outermost[key]].container, outermost[key].count(".")):
                 outermost[key] = n
     qualifying = list(outermost.values())
     claimed = {n: name for name in qualifying for n in several[name].layers}
@@ -156,7 +162,7 @@ def find_blocks(model: nn.Module, layers: dict[str, DynamicConv2d], input_shape:
         chosen = name
         for parent in _ancestors(name):  # widen while the ancestor holds this block and no other
             record = several.get(parent)
-            if record is None or _refusal(record, counts) is not None:
+            if record is None or record.container or _refusal(record, counts) is not None:
                 break
             if any(claimed.get(n, name) != name for n in record.layers):
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -109,7 +110,9 @@ def test_shared_router_trains_once_from_every_member() -> None:
     assert len(routers) == 2 * 2 * 8  # 8 BasicBlocks, fc1 and fc2 with weight and bias each
     converted(batch(4)).logsumexp(1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
-    torch.optim.SGD(dynconv.parameter_groups(converted, router_lr_scale=10, lr=0.1)).step()  # no duplicate warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns about a parameter listed twice in a group
+        torch.optim.SGD(dynconv.parameter_groups(converted, router_lr_scale=10, lr=0.1)).step()
 
 
 def test_shared_routing_traces_with_fx_and_exports_with_a_dynamic_batch() -> None:
