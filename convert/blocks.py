@@ -179,6 +179,9 @@ def find_blocks(model: nn.Module, layers: dict[str, DynamicConv2d], input_shape:
             outside[layer] = "no module around it runs another converted conv"
             continue
         smallest = several[around[0]]
-        reason = _refusal(smallest, counts) or "it holds several blocks"
-        outside[layer] = f"not in a block: {smallest.name} ({smallest.type}) runs other converted convs, but {reason}"
+        where = f"{smallest.name} ({smallest.type}), the smallest module running it with other converted convs"
+        if in_block & set(smallest.layers):
+            outside[layer] = f"outside every block: {where}, runs whole blocks too"
+        else:
+            outside[layer] = f"not in a block: {where}, is none because {_refusal(smallest, counts)}"
     return BlockSurvey(blocks, outside)

@@ -65,7 +65,7 @@ def test_shared_conversion_is_exact_and_runs_one_router_per_block(shared) -> Non
     assert plan is not None and len(plan.groups) == blocks
     assert {g.block_type for g in plan.groups} == {block_type}
     assert [u.name for u in plan.unshared] == outside
-    assert all("no module around it" in u.reason for u in plan.unshared)
+    assert all(u.reason.startswith("outside every block: features (Sequential)") for u in plan.unshared)
     grouped = [n for g in plan.groups for n in g.layers]
     assert sorted(grouped + outside) == sorted(r.name for r in result.layers)
     assert distinct_routers(result.model) == blocks + len(outside) == result.totals["routers"]
