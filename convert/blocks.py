@@ -183,5 +183,6 @@ def find_blocks(model: nn.Module, layers: dict[str, DynamicConv2d], input_shape:
         if in_block & set(smallest.layers):
             outside[layer] = f"outside every block: {where}, runs whole blocks too"
         else:
-            outside[layer] = f"not in a block: {where}, is none because {_refusal(smallest, counts)}"
+            why = _refusal(smallest, counts) or "a smaller module inside it runs several of its convs"
+            outside[layer] = f"not in a block: {where}, is none because {why}"
     return BlockSurvey(blocks, outside)
