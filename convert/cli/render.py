@@ -268,6 +268,9 @@ def render_checkpoint(
     info.add_row("file size", file_size(size))
     info.add_row("tensors", f"{len(shapes)} ({human(sum(_numel(s) for s in shapes.values()))} values)")
     info.add_row("converted layers", str(len(meta["layers"])))
+    if meta.get("sharing"):
+        shared = sum(len(g["layers"]) for g in meta["sharing"])
+        info.add_row("shared routing", f"{len(meta['sharing'])} blocks, one router each ({shared} layers)")
     info.add_row("written with", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()))
     info.add_row("digest", f"{meta['digest']['algorithm']} {meta['digest']['value'][:16]}…")
     console.print(info)
