@@ -222,3 +222,45 @@ def test_cli_share_routing_shows_the_plan_and_refuses_a_bad_mode() -> None:
     assert table.exit_code == 0 and "Shared routing (8 blocks" in table.stdout
     bad = runner.invoke(app, [*args, "--share-routing", "stage"])
     assert bad.exit_code == 2 and "--share-routing must be one of none, block" in bad.stderr
+
+
+class PreActivation(nn.Module):
+    """A pre-activation residual block: its first conv reads norm(x), not x, so it is no block."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(width)
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.conv1(torch.relu(self.norm(x)))))
+
+
+class Residual(nn.Module):
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(width, width, 3, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+def test_pre_activation_and_repeated_blocks_keep_their_routers_with_the_reason() -> None:
+    torch.manual_seed(0)
+    repeated = Residual(8)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), Residual(8), PreActivation(8), repeated, repeated, nn.Flatten(), nn.LazyLinear(3)
+    )
+    model(torch.randn(1, 3, 8, 8))
+    model.eval()
+    result = convert.convert_model(model, experts=2, input_size=8, share_routing="block")
+    assert compare(model, result.model, torch.randn(3, 3, 8, 8)).ok
+    plan = result.sharing
+    assert [(g.block, g.block_type, g.layers) for g in plan.groups] == [("1", "Residual", ["1.conv1", "1.conv2"])]
+    reasons = {u.name: u.reason for u in plan.unshared}
+    assert set(reasons) == {"2.conv1", "2.conv2", "3.conv1", "3.conv2"}
+    assert "2 (PreActivation)" in reasons["2.conv1"] and "reads a transformed input" in reasons["2.conv1"]
+    assert "3 (Residual)" in reasons["3.conv1"] and "called 2 times" in reasons["3.conv1"]
+    assert result.totals["routers"] == 5
