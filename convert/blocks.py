@@ -155,16 +155,15 @@ def find_blocks(model: nn.Module, layers: dict[str, DynamicConv2d], input_shape:
             rank = (several[n].container, n.count("."))
             if key not in outermost or rank < (several[outermost[key]].container, outermost[key].count(".")):
                 outermost[key] = n
-    qualifying = list(outermost.values())
-    claimed = {n: name for name in qualifying for n in several[name].layers}
     blocks: list[Block] = []
-    for name in qualifying:
+    for name in outermost.values():
         chosen = name
-        for parent in _ancestors(name):  # widen while the ancestor holds this block and no other
+        others = [sets[m] for m in minimal if sets[m] != sets[name]]  # other blocks, or modules refused as one
+        for parent in _ancestors(name):  # widen while the ancestor adds single convs only (a side projection)
             record = several.get(parent)
             if record is None or record.container or _refusal(record, counts) is not None:
                 break
-            if any(claimed.get(n, name) != name for n in record.layers):
+            if any(other & sets[parent] for other in others):
                 break
             chosen = parent
         record = several[chosen]
