@@ -105,9 +105,11 @@ def _save(figure: Any, axes: Any, path: Path) -> Path:
     return path
 
 
-def write_figures(analysis: Analysis, folder: Path, heatmap: list[LayerStats] | None = None) -> list[Path]:
-    """Write the heat map (``heatmap`` layers, default :func:`heatmap_layers`) and the by-depth plots."""
+def write_figures(analysis: Analysis, folder: str | Path, heatmap: list[LayerStats] | None = None) -> list[Path]:
+    """Write the heat map (``heatmap`` layers, default :func:`heatmap_layers`) and the by-depth plots
+    into ``folder`` (created if missing); return the files written."""
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
     layers = analysis.layers
     written = [draw_heatmap(analysis, heatmap or heatmap_layers(analysis), folder / HEATMAP)]
     entropy = [s.entropy for s in layers]
