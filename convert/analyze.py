@@ -140,7 +140,10 @@ class _Accumulator:
         r = routing.detach().to("cpu", torch.float64)  # [B, K] or [B, K, C]
         p = r / r.sum(1, keepdim=True).clamp_min(1e-300)
         k = self.experts
-        entropy = -(p * p.clamp_min(1e-300).log()).sum(1) / math.log(k) if k > 1 else torch.ones_like(p[:, 0])
+        if k > 1:  # clamped: rounding must not take a uniform routing past 1
+            entropy = (-(p * p.clamp_min(1e-300).log()).sum(1) / math.log(k)).clamp(0.0, 1.0)
+        else:
+            entropy = torch.ones_like(p[:, 0])
         peak = p.amax(1, keepdim=True)
         ties = (p >= peak * (1 - TIE)).double()
         ties = ties / ties.sum(1, keepdim=True)
@@ -259,7 +262,7 @@ def analyze(
         for images, labels in loader:
             with dynconv.capture_routing(net) as routing:
                 net(images)
-            for name in chosen:
+            for name in chosen.keys() & routing.keys():  # a layer this forward did not run adds nothing
                 per_channel[name] = routing[name].dim() == 3
                 sums[name].add(routing[name], labels)
             done += labels.numel()
@@ -269,6 +272,8 @@ def analyze(
     analysis = Analysis(str(checkpoint), str(data), done, size, classes, seconds=time.perf_counter() - start)
     for name, layer in chosen.items():
         acc = sums[name]
+        if acc.count == 0:
+            continue
         ratio, means = acc.class_statistics(per_channel[name]) if len(classes) > 1 else (None, None)
         share = layer._modules.get("routing_share")
         analysis.layers.append(
