@@ -76,10 +76,14 @@ def sharing_refusal(layer: DynamicConv2d) -> str | None:
         return f"{layer.kind} computes its kernel its own way, not as one routing vector over its experts"
     param = next(layer.router.parameters(), None)
     factory = {} if param is None else {"dtype": param.dtype, "device": param.device}
-    with torch.no_grad():
-        sample = layer.router.eval()(torch.zeros(1, layer.in_channels, 1, 1, **factory))
-    layer.router.train(layer.training)
-    if sample.dim() != 2:
+    try:
+        with torch.no_grad():
+            sample = layer.router.eval()(torch.zeros(1, layer.in_channels, 1, 1, **factory))
+    except Exception as exc:  # a router of a kind this module does not know
+        return f"its router does not map a pooled input to routing weights ({type(exc).__name__})"
+    finally:
+        layer.router.train(layer.training)
+    if not isinstance(sample, Tensor) or sample.dim() != 2 or sample.shape[1] != layer.experts:
         return (
             f"{layer.kind} routes per output channel (coefficients for this conv's own output channels), "
             "which no other conv can use"
