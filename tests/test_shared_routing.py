@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import warnings
 
 import pytest
 import torch
-from deploy_models import batch, compare_arrays, routing_varies
+from deploy_models import batch, compare_arrays, routing_varies, trained_like
 from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
@@ -26,14 +28,25 @@ def seeded(name: str, **kwargs: object) -> nn.Module:
 
 
 def move_routers(model: nn.Module, seed: int = 2) -> nn.Module:
-    """Routers off zero (each shared router once), so routing depends on the input."""
+    """Routers off zero (each shared router once) with logits of order one for this model's
+    activations, so routing depends on the input without saturating."""
+    routers = [m for m in model.modules() if isinstance(m, dynconv.Router)]
+    pooled: dict[int, torch.Tensor] = {}
+    hooks = [r.register_forward_pre_hook(lambda m, a: pooled.__setitem__(id(m), a[0].mean((2, 3)))) for r in routers]
+    with torch.no_grad():
+        model.eval()(batch(3))  # routers still zero: only what they read is measured
+    for h in hooks:
+        h.remove()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, dynconv.Router):
-                for fc in module.modules():
-                    if isinstance(fc, nn.Linear):
-                        fc.weight.copy_(torch.randn(fc.weight.shape, generator=gen) / fc.in_features**0.5)
+        for router in routers:
+            features = pooled[id(router)]
+            for index, fc in enumerate(m for m in router.modules() if isinstance(m, nn.Linear)):
+                weight = torch.randn(fc.weight.shape, generator=gen) / fc.in_features**0.5
+                if index == 0:  # centred and scaled on this router's own inputs
+                    weight = weight / (float(features.std(0).mean()) + 1e-6)
+                    fc.bias.copy_(-weight @ features.mean(0))
+                fc.weight.copy_(weight)
     return model
 
 
@@ -49,12 +62,24 @@ CASES = [
 ]
 
 
+@functools.cache
+def shared_case(name: str) -> tuple[nn.Module, convert.ConversionResult]:
+    """The original and its shared-routing conversion (converted once per module run)."""
+    kind, experts = next(c[1:3] for c in CASES if c[0] == name)
+    torch.manual_seed(0)
+    model = trained_like(name)  # BatchNorm statistics that keep activations, and so routing, in range
+    return model, convert.convert_model(model, kind=kind, experts=experts, input_size=64, share_routing="block")
+
+
+@functools.cache
+def resnet18_case() -> tuple[nn.Module, convert.ConversionResult]:
+    model = seeded("resnet18")
+    return model, convert.convert_model(model, experts=2, input_size=64, share_routing="block")
+
+
 @pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
 def shared(request):
-    name, kind, experts = request.param[:3]
-    model = seeded(name)
-    result = convert.convert_model(model, kind=kind, experts=experts, input_size=64, share_routing="block")
-    return model, result, request.param
+    return (*shared_case(request.param[0]), request.param)
 
 
 def test_shared_conversion_is_exact_and_runs_one_router_per_block(shared) -> None:
@@ -102,12 +127,10 @@ def test_every_member_uses_the_router_output_for_the_block_input(shared) -> None
 
 
 def test_shared_router_trains_once_from_every_member() -> None:
-    model = seeded("resnet18")
-    result = convert.convert_model(model, kind="dyconv", experts=2, input_size=64, share_routing="block")
-    converted = move_routers(result.model).train()
+    converted = copy.deepcopy(move_routers(resnet18_case()[1].model)).train()
     routers = list(dynconv.router_parameters(converted))
     assert len({id(p) for p in routers}) == len(routers)  # each shared router listed once
-    assert len(routers) == 2 * 2 * 8  # 8 BasicBlocks, fc1 and fc2 with weight and bias each
+    assert len(routers) == 2 * 8  # 8 BasicBlocks, one linear layer with weight and bias each
     converted(batch(4)).logsumexp(1).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in routers)
     with warnings.catch_warnings():
@@ -116,8 +139,7 @@ def test_shared_router_trains_once_from_every_member() -> None:
 
 
 def test_shared_routing_traces_with_fx_and_exports_with_a_dynamic_batch() -> None:
-    result = convert.convert_model(seeded("resnet18"), experts=2, input_size=64, share_routing="block")
-    model = move_routers(result.model)
+    model = move_routers(resnet18_case()[1].model)
     traced = torch.fx.symbolic_trace(model)
     program = torch.export.export(model, (batch(2),), dynamic_shapes=({0: torch.export.Dim("batch")},))
     for n in (1, 5):
@@ -129,47 +151,48 @@ def test_shared_routing_traces_with_fx_and_exports_with_a_dynamic_batch() -> Non
 
 
 def test_dynet_keeps_its_routers_and_says_why_and_rules_can_opt_out() -> None:
-    model = seeded("resnet18")
-    dynet = convert.convert_model(model, kind="dynet", experts=2, input_size=64, share_routing="block")
-    assert not dynet.sharing.groups and len(dynet.sharing.blocks) == 8
+    model = resnet18_case()[0]
+    early = ["layer1.*", "layer2.*"]
+    dynet = convert.convert_model(model, kind="dynet", experts=2, input_size=64, include=early, share_routing="block")
+    assert not dynet.sharing.groups and len(dynet.sharing.blocks) == 4
     assert len(dynet.sharing.unshared) == len(dynet.layers) == dynet.totals["routers"]
     assert all("per output channel" in u.reason for u in dynet.sharing.unshared)
     recipe = {
         "defaults": {"kind": "condconv", "experts": 2, "share_routing": "block"},
         "rules": [{"match": {"name": "layer4.*"}, "share_routing": "none"}],
     }
-    mixed = convert.convert_model(model, recipe=recipe, input_size=64)
-    shared_blocks = ["layer1.0", "layer1.1", "layer2.0", "layer2.1", "layer3.0", "layer3.1"]
-    assert [g.block for g in mixed.sharing.groups] == shared_blocks
+    mixed = convert.convert_model(model, recipe=recipe, include=["layer3.*", "layer4.*"], input_size=64)
+    assert [g.block for g in mixed.sharing.groups] == ["layer3.0", "layer3.1"]
     assert not mixed.sharing.unshared  # layer4 was not asked to share: nothing to explain
-    assert mixed.totals["routers"] == 6 + 5  # layer4: 2 + 2 convs and a downsample, each its own
-    unshared = convert.convert_model(model, recipe=recipe, input_size=64, share_routing="none")  # beats defaults
-    assert unshared.sharing is None and unshared.totals["routers"] == unshared.totals["converted"] == 19
+    assert mixed.totals["routers"] == 2 + 5  # layer4: 2 + 2 convs and a downsample, each its own
     with pytest.raises(convert.UserError, match="share_routing must be one of"):
         convert.convert_model(model, share_routing="stage")
 
 
 def test_timm_edge_and_inverted_residuals_are_blocks() -> None:
     model = seeded("efficientnet_es")
-    result = convert.convert_model(model, experts=2, input_size=64, share_routing="block")
+    include = ["blocks.1.*", "blocks.5.*"]  # EdgeResidual and InvertedResidual stages
+    result = convert.convert_model(model, experts=2, input_size=64, include=include, share_routing="block")
     assert compare(model, result.model, batch(3)).ok
-    assert {"EdgeResidual", "InvertedResidual"} <= {g.block_type for g in result.sharing.groups}
+    types = [g.block_type for g in result.sharing.groups]
+    assert types == ["EdgeResidual"] * 2 + ["InvertedResidual"] * 2, result.sharing.groups
 
 
 def test_checkpoint_round_trip_keeps_the_shared_routers(tmp_path) -> None:
-    result = convert.convert_model(seeded("efficientnet_b0"), experts=2, input_size=64, share_routing="block")
+    result = shared_case("mobilenet_v2")[1]
     model = move_routers(result.model)
     path = convert.save_checkpoint(model, tmp_path / "shared.safetensors")
     meta = convert.read_metadata(path)
     assert meta["format_version"] == 2
     assert [g["layers"] for g in meta["sharing"]] == [g.layers for g in result.sharing.groups]
-    loaded = convert.load_checkpoint(path)
+    loaded = convert.load_checkpoint(path, model=shared_case("mobilenet_v2")[0])
     assert distinct_routers(loaded) == distinct_routers(model) == result.totals["routers"]
     x = batch(3)
     assert routing_varies(model, x)
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
-    again = convert.load_checkpoint(convert.save_checkpoint(loaded, tmp_path / "again.safetensors"))
+    again = convert.save_checkpoint(loaded, tmp_path / "again.safetensors")
+    again = convert.load_checkpoint(again, model=shared_case("mobilenet_v2")[0])
     with torch.no_grad():
         assert torch.equal(again(x), model(x))
 
@@ -212,14 +235,15 @@ def test_dyconv_mobilenet_v2_recipe_counts_what_the_paper_counts() -> None:
 
 def test_cli_share_routing_shows_the_plan_and_refuses_a_bad_mode() -> None:
     runner = CliRunner()
-    args = ["convert", "resnet18", "--experts", "2", "--input-size", "64", "--dry-run"]
+    args = ["convert", "resnet18", "--experts", "2", "--input-size", "64", "--dry-run", "--include", "layer4.*"]
     shown = runner.invoke(app, [*args, "--share-routing", "block", "--json"])
     assert shown.exit_code == 0, shown.stderr
     data = json.loads(shown.stdout)
-    assert len(data["sharing"]["groups"]) == 8 and data["totals"]["routers"] == 8
+    assert len(data["sharing"]["groups"]) == 2 and data["totals"]["routers"] == 2
     assert all(b["reason"].startswith("BasicBlock runs") for b in data["sharing"]["blocks"])
-    table = runner.invoke(app, [*args, "--share-routing", "block"])
-    assert table.exit_code == 0 and "Shared routing (8 blocks" in table.stdout
+    assert data["sharing"]["groups"][0]["layers"] == ["layer4.0.conv1", "layer4.0.conv2", "layer4.0.downsample.0"]
+    table = runner.invoke(app, [*args, "--share-routing", "block", "--no-verify"])
+    assert table.exit_code == 0 and "Shared routing (2 blocks" in table.stdout
     bad = runner.invoke(app, [*args, "--share-routing", "stage"])
     assert bad.exit_code == 2 and "--share-routing must be one of none, block" in bad.stderr
 
