@@ -95,11 +95,11 @@ class Analysis:
         rate = self.images / self.seconds if self.seconds > 0 else float("nan")
         mean_entropy = sum(s.entropy for s in self.layers) / max(len(self.layers), 1)
         uniform = sum(s.entropy > 0.99 for s in self.layers)
-        collapsed = sum(max(s.top_share) >= 0.9 and s.experts > 1 for s in self.layers)
+        collapsed = sum(max(s.top_share) >= 0.9 and s.entropy < 0.5 and s.experts > 1 for s in self.layers)
         text = (
             f"{self.images} images, {len(self.classes)} classes, {len(self.layers)} layers in {self.seconds:.1f} s "
             f"({rate:.0f} images/s): mean entropy {mean_entropy:.3f} (1 = uniform); {uniform} layers near uniform "
-            f"(entropy > 0.99), {collapsed} collapsed (one expert on top for >= 90% of decisions)"
+            f"(entropy > 0.99), {collapsed} collapsed (entropy < 0.5, one expert on top for >= 90% of decisions)"
         )
         ratios = [s for s in self.layers if s.class_ratio is not None]
         if ratios:
