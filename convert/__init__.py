@@ -13,6 +13,7 @@ from .folding import FoldError, FoldResult, find_conv_bn_pairs, fold_batchnorm
 from .models import ModelNotFoundError, ModelSource, build_model, list_models
 from .probe import ProbeError
 from .recipe import Recipe, RecipeError, load_recipe
+from .sharing import SharingPlan
 from .weights import WeightsError, load_weights, read_state_dict
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "SelectionError",
+    "SharingPlan",
     "SkipRecord",
     "UserError",
     "WeightsError",

@@ -2,7 +2,8 @@
 
 The file's metadata key ``dynconv`` holds JSON: format version, base model
 (source, name, constructor arguments), the resolved recipe, every converted layer
-with its options, tensor aliases (tied weights), library versions, and a SHA-256
+with its options, the blocks whose layers share one router (format 2), tensor
+aliases (tied weights), library versions, and a SHA-256
 digest over the tensors and that recorded structure. Writes go to a temporary file
 in the target folder and are renamed into place, so an interrupted write leaves the
 old file (or none) at the path.
@@ -30,10 +31,12 @@ from .converter import CONVERSION_ATTR, Conversion, ConversionResult
 from .errors import OutputPathError, UserError, check_output_path
 from .folding import FOLDED_ATTR
 from .models import ModelSource, tag_base
+from .sharing import apply_groups
 from .surgery import build_layer, get_module, replace_all
 from .weights import with_module_versions
 
-FORMAT_VERSION = 1
+#: 2 adds ``sharing`` (routers shared per block); format 1 files still load (no sharing).
+FORMAT_VERSION = 2
 METADATA_KEY = "dynconv"
 #: Tensors under this prefix hold optional training state (optimizer buffers), not the model.
 TRAINING_PREFIX = "__training__."
@@ -135,6 +138,8 @@ def save_checkpoint(
         "aliases": aliases,
         "versions": _versions(),
     }
+    if conversion.sharing:
+        structure["sharing"] = conversion.sharing
     if training is not None:
         structure["training"] = training[0]
     try:
@@ -279,6 +284,13 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
                 f"{path} does not match the base model: {names[0]!r} is a {type(conv).__name__}, not a Conv2d"
             )
         replace_all(rebuilt, names, build_layer(conv, record["kind"], record["options"]))
+    sharing = list(meta.get("sharing") or [])
+    try:
+        apply_groups(rebuilt, sharing)
+    except (UserError, AttributeError) as exc:
+        raise CheckpointError(
+            f"{path} does not match the base model: its shared routing cannot be rebuilt ({exc})"
+        ) from None
     model_tensors = {k: v for k, v in tensors.items() if not k.startswith(TRAINING_PREFIX)}
     state = with_module_versions(model_tensors, rebuilt)
     for alias, stored in (meta.get("aliases") or {}).items():
@@ -296,6 +308,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
             meta.get("recipe", {}),
             tuple(meta["input_shape"]),
             list(meta["layers"]),
+            sharing,
         ),
     )
     return rebuilt.eval()

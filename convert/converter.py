@@ -16,7 +16,8 @@ from typing import Any
 
 from torch import nn
 
-from dynconv import LAYERS
+from dynconv import LAYERS, DynamicConv2d
+from dynconv.shared_routing import count_routers
 
 from .conv_classes import UnsupportedConvError, conversion_options
 from .counting import count_macs, count_params
@@ -24,6 +25,7 @@ from .errors import UserError
 from .models import ModelSource, base_of
 from .probe import ConvSite, default_input_size, find_convs, is_already_dynamic, probe
 from .recipe import Recipe, load_recipe, name_matches
+from .sharing import SharingPlan, check_mode, share_blocks
 from .surgery import build_layer, replace_all
 
 CONVERSION_ATTR = "dynconv_conversion"
@@ -56,6 +58,7 @@ class LayerRecord:
     options: dict[str, Any]
     seed: int
     noise: float
+    routing_block: str | None = None  # the block whose one router this conv shares (share_routing: block)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +88,7 @@ class Conversion:
     recipe: dict[str, Any]
     input_shape: tuple[int, int, int]
     layers: list[dict[str, Any]] = field(default_factory=list)  # {"names", "kind", "options"}
+    sharing: list[dict[str, Any]] = field(default_factory=list)  # {"block", "block_type", "layers"}
 
 
 @dataclass
@@ -101,6 +105,7 @@ class ConversionResult:
     params_after: int
     macs_before: int
     macs_after: int
+    sharing: SharingPlan | None = None  # with share_routing: block, which convs share a router and why
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -114,6 +119,7 @@ class ConversionResult:
             "macs_before": self.macs_before,
             "macs_after": self.macs_after,
             "macs_increase": self.macs_after / max(self.macs_before, 1) - 1,
+            "routers": count_routers(self.model),
         }
 
 
@@ -168,13 +174,15 @@ def convert_model(
     *,
     noise: float | None = None,
     input_size: int | tuple[int, ...] | None = None,
+    share_routing: str | None = None,
 ) -> ConversionResult:
     """Convert the selected convs of a copy of ``model``; ``model`` itself is not modified.
 
     ``kind`` (default ``condconv``), ``experts`` (default 4), ``noise`` and ``seed``
     override the recipe's defaults; ``include``/``exclude`` are globs (or ``re:``
     regexes) on qualified names. ``input_size`` is the probe forward's size (default:
-    the model's own, e.g. 224).
+    the model's own, e.g. 224). ``share_routing="block"`` makes the converted convs of
+    each block share one router fed by the block's input (see :mod:`convert.sharing`).
     """
     spec = load_recipe(recipe)
     if kind is not None and kind not in LAYERS:
@@ -183,7 +191,8 @@ def convert_model(
         raise UserError(f"experts must be a positive integer, got {experts!r}")
     if noise is not None and noise < 0:
         raise UserError(f"noise must be >= 0, got {noise}")
-    overrides = {k: v for k, v in {"kind": kind, "experts": experts, "noise": noise}.items() if v is not None}
+    given = {"kind": kind, "experts": experts, "noise": noise, "share_routing": check_mode(share_routing)}
+    overrides = {k: v for k, v in given.items() if v is not None}
     seed = seed if seed is not None else (spec.defaults.seed or 0)
     include = [include] if isinstance(include, str) else list(include or [])
     exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
@@ -209,6 +218,8 @@ def convert_model(
     layers: list[LayerRecord] = []
     skipped: list[SkipRecord] = []
     conversion = Conversion(base, {**spec.model_dump(), "overrides": overrides, "seed": seed}, shape)
+    built: dict[str, DynamicConv2d] = {}
+    wanted: dict[str, bool] = {}
     for site in sites:
         reason, options = _decide(site, spec, overrides, include, exclude)
         if reason is not None:
@@ -222,6 +233,7 @@ def convert_model(
         this_seed = layer_seed(seed, site.name)
         layer = build_layer(conv, options["kind"], options, noise=float(options["noise"]), seed=this_seed)
         replace_all(converted, site.names, layer)
+        built[site.name], wanted[site.name] = layer, options.get("share_routing") == "block"
         conversion.layers.append({"names": site.names, "kind": layer.kind, "options": layer.layer_options()})
         layers.append(
             LayerRecord(
@@ -246,6 +258,10 @@ def convert_model(
                 noise=float(options["noise"]),
             )
         )
+    sharing = None
+    if any(wanted.values()):
+        sharing = share_blocks(converted, built, wanted, {r.name: r for r in layers}, shape)
+        conversion.sharing = [g.to_dict() for g in sharing.groups]
     setattr(converted, CONVERSION_ATTR, conversion)
     return ConversionResult(
         model=converted,
@@ -258,6 +274,7 @@ def convert_model(
         params_after=count_params(converted),
         macs_before=count_macs(model, shape),
         macs_after=count_macs(converted, shape),
+        sharing=sharing,
     )
 
 

@@ -61,6 +61,8 @@ class CommonOptions(_Strict):
     kind: str | None = None
     experts: int | None = Field(None, ge=1, le=256)
     noise: float | None = Field(None, ge=0, le=1)
+    #: ``block``: the converted convs of one block share one router (see :mod:`convert.sharing`).
+    share_routing: Literal["none", "block"] | None = None
 
     @field_validator("kind")
     @classmethod

@@ -22,6 +22,7 @@ from .layers import (
 )
 from .layers.base import TF_SAME
 from .routing import Router
+from .shared_routing import RoutingShare, share_routing
 from .standardization import WeightStandardization
 from .temperature import TemperatureSchedule, set_temperature
 from .training import expert_parameters, other_parameters, parameter_groups, router_parameters, set_trainable
@@ -41,6 +42,7 @@ __all__ = [
     "KindInfo",
     "OptionSpec",
     "Router",
+    "RoutingShare",
     "TemperatureSchedule",
     "WeightStandardization",
     "__version__",
@@ -57,6 +59,7 @@ __all__ = [
     "router_parameters",
     "set_temperature",
     "set_trainable",
+    "share_routing",
     "strategy_scope",
     "upcycle",
 ]

@@ -16,8 +16,12 @@ from .inspection import dynamic_layers
 
 def router_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
     """Parameters of every dynamic layer's router."""
+    seen: set[int] = set()  # a router shared by a block's layers counts once
     for layer in dynamic_layers(model).values():
-        yield from layer.router_parameters()
+        for p in layer.router_parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield p
 
 
 def expert_parameters(model: nn.Module) -> Iterator[nn.Parameter]:

@@ -42,6 +42,8 @@ def test_shipped_recipe_converts_its_model_exactly(name: str) -> None:
         assert {n.split(".")[1] for n in names} == {"5", "6", "7"}  # the last three stages only
     elif name == "dyconv-resnet18":
         assert kinds == {"dyconv"} and len(names) == 19  # every conv but the stem
+    elif name == "dyconv-mobilenet_v2":  # the paper's count: the last 1x1 conv (320 -> 1280) stays static
+        assert kinds == {"dyconv"} and len(names) == 50 and not {"features.0.0", "features.18.0"} & set(names)
     elif name.endswith("mobilenet_v2"):
         assert kinds == {name.split("-")[0]} and len(names) == 51 and "features.0.0" not in names
     elif name == "late-stages-resnet50":

@@ -17,6 +17,7 @@ from ..checkpoint import save_checkpoint
 from ..converter import convert_model
 from ..models import build_model, resolve_source
 from ..recipe import Recipe, load_recipe
+from ..sharing import SHARE_MODES
 from ..verify import compare
 from ..weights import load_weights
 from . import render
@@ -53,6 +54,9 @@ def convert_cmd(
     seed: Annotated[int | None, typer.Option(help="seed for the experts' noise (default 0)")] = None,
     noise: Annotated[float | None, typer.Option(help="relative noise between experts (default 0.01)")] = None,
     input_size: Annotated[int | None, typer.Option(help="probe/verification image size (default: the model's)")] = None,
+    share_routing: Annotated[
+        str | None, typer.Option(help="none | block: one router per block, fed by the block's input (default none)")
+    ] = None,
     dry_run: Annotated[bool, typer.Option(help="show the plan, write nothing")] = False,
     no_verify: Annotated[bool, typer.Option(help="skip comparing converted and original outputs")] = False,
     as_json: Json = False,
@@ -67,6 +71,8 @@ def convert_cmd(
             raise UsageError(f"--experts must be at least 1, got {experts}")
         if kind is not None and kind not in dynconv.LAYERS:
             raise UsageError(f"unknown kind {kind!r}; choose one of {', '.join(dynconv.LAYERS)}")
+        if share_routing is not None and share_routing not in SHARE_MODES:
+            raise UsageError(f"--share-routing must be one of {', '.join(SHARE_MODES)}, got {share_routing!r}")
         if weights is not None and not weights.is_file():
             raise UsageError(f"weights file {weights} does not exist")
         spec = _load_recipe(recipe)
@@ -101,6 +107,7 @@ def convert_cmd(
                 seed=seed,
                 noise=noise,
                 input_size=input_size,
+                share_routing=share_routing,
             ),
         )
         check = None

@@ -22,6 +22,7 @@ from rich.table import Table
 from ..converter import ConversionResult, LayerRecord
 from ..export import ExportResult
 from ..recipe import Recipe
+from ..sharing import SharingPlan
 from ..verify import Comparison
 
 if TYPE_CHECKING:
@@ -149,6 +150,8 @@ def render_conversion(
             shown = ", ".join(names[:4]) + (f", … ({len(names) - 4} more)" if len(names) > 4 else "")
             skipped.add_row(reason, str(len(names)), shown)
         console.print(skipped)
+    if result.sharing is not None:
+        render_sharing(console, result.sharing)
     totals = result.totals
     summary = Table(show_header=False, title="Totals", title_justify="left")
     summary.add_column("what")
@@ -161,6 +164,8 @@ def render_conversion(
         f"MACs at {h}x{w}",
         f"{human(totals['macs_before'])} → {human(totals['macs_after'])} ({100 * totals['macs_increase']:+.1f}%)",
     )
+    if result.sharing is not None:
+        summary.add_row("routers", f"{totals['routers']} for {totals['converted']} layers (shared per block)")
     if check is not None:
         verdict = "ok" if check.within_tolerance else "OUT OF TOLERANCE"
         note = "" if check.input_sensitive else " (the original's output ignores its input: check is vacuous)"
@@ -172,6 +177,32 @@ def render_conversion(
         console.print("dry run: nothing written", highlight=False)
     elif output is not None:
         console.print(f"wrote {output} ({file_size(size or 0)})", soft_wrap=True, highlight=False, markup=False)
+
+
+def render_sharing(console: Console, plan: SharingPlan) -> None:
+    """Shared routing: one row per block whose convs share a router, then the convs that do not, by reason."""
+    table = Table(title=f"Shared routing ({len(plan.groups)} blocks, one router each)", title_justify="left")
+    table.add_column("block", overflow="fold")
+    table.add_column("type")
+    table.add_column("convs sharing its router", overflow="fold")
+    for group in plan.groups[:COLLAPSE_AT]:
+        prefix = group.block + "."
+        table.add_row(group.block, group.block_type, ", ".join(n.removeprefix(prefix) for n in group.layers))
+    if len(plan.groups) > COLLAPSE_AT:
+        table.add_row(f"… {len(plan.groups) - COLLAPSE_AT} more (--json lists all)", "", "")
+    console.print(table)
+    if plan.unshared:
+        kept = Table(title=f"Own router kept ({len(plan.unshared)})", title_justify="left")
+        kept.add_column("reason", overflow="fold")
+        kept.add_column("count", justify="right")
+        kept.add_column("convs", overflow="fold")
+        by_reason: OrderedDict[str, list[str]] = OrderedDict()
+        for record in plan.unshared:
+            by_reason.setdefault(record.reason, []).append(record.name)
+        for reason, names in by_reason.items():
+            shown = ", ".join(names[:4]) + (f", … ({len(names) - 4} more)" if len(names) > 4 else "")
+            kept.add_row(reason, str(len(names)), shown)
+        console.print(kept)
 
 
 def conversion_json(
@@ -189,6 +220,7 @@ def conversion_json(
         "layers": [r.to_dict() for r in result.layers],
         "skipped": [s.to_dict() for s in result.skipped],
         "totals": result.totals,
+        "sharing": None if result.sharing is None else result.sharing.to_dict(),
         "verification": None if check is None else {**check.__dict__, "ok": check.ok},
         "output": None if dry_run else output,
         "file_size": size,
@@ -236,6 +268,9 @@ def render_checkpoint(
     info.add_row("file size", file_size(size))
     info.add_row("tensors", f"{len(shapes)} ({human(sum(_numel(s) for s in shapes.values()))} values)")
     info.add_row("converted layers", str(len(meta["layers"])))
+    if meta.get("sharing"):
+        shared = sum(len(g["layers"]) for g in meta["sharing"])
+        info.add_row("shared routing", f"{len(meta['sharing'])} blocks, one router each ({shared} layers)")
     info.add_row("written with", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()))
     info.add_row("digest", f"{meta['digest']['algorithm']} {meta['digest']['value'][:16]}…")
     console.print(info)

@@ -268,7 +268,14 @@ class DynamicConv2d(nn.Module):
         return super()._apply(convert, recurse)
 
     def route(self, x: Tensor) -> Tensor:
-        """Routing weights for ``x``: ``[B, K]``, or ``[B, K, C_out]`` per output channel."""
+        """Routing weights for ``x``: ``[B, K]``, or ``[B, K, C_out]`` per output channel.
+
+        A layer whose block shares one router (:mod:`dynconv.shared_routing`) gets them
+        from the block's ``routing_share``.
+        """
+        share = self._modules.get("routing_share")
+        if share is not None:
+            return share.route(self.router, x, self.routing_position)
         return self.router(x)
 
     def _pad_input(self, x: Tensor) -> tuple[Tensor, Padding]:
