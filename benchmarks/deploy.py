@@ -210,6 +210,9 @@ def main() -> None:
     parser.add_argument("--compile-kinds", default="condconv", help="kinds also timed under torch.compile")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
+    parser.add_argument(
+        "--paths", default="ort,eager,compiled", help="paths to time; a subset writes results/deploy-<paths>.md"
+    )
     parser.add_argument("--floor", action="store_true", help="only the batch-1 floor: writes results/floor.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -220,6 +223,8 @@ def main() -> None:
     rounds = 3 if args.quick else args.rounds
     started = time.perf_counter()
     rows, ratios, floors, profiles = [], {}, [], {}
+    paths = args.paths.split(",")
+    every_path = set(paths) == {"ort", "eager", "compiled"}
     for name in models:
         torch.manual_seed(0)
         static = signal_preserving_init(getattr(torchvision.models, name)()).eval()
@@ -228,7 +233,7 @@ def main() -> None:
             converted = result.model.eval()
             floors.append((name, kind, *floor(result)))
             with tempfile.TemporaryDirectory() as tmp:
-                for batch, dynamic in ((1, False), (16, False), (16, True)):
+                for batch, dynamic in ((1, False), (16, False), (16, True)) if "ort" in paths else ():
                     profile = batch == 1 and kind == "condconv"
                     s, c, forms, prof = ort_path(static, converted, Path(tmp), batch, dynamic, rounds, profile)
                     if prof is not None:
@@ -239,11 +244,13 @@ def main() -> None:
                     )
                     ratios[(path, batch, name, kind)] = c / s
                     print(rows[-1], flush=True)
-            s, last, c = eager_path(static, converted, 16, rounds)
-            rows.append((name, kind, "eager", 16, s, c, f"static channels_last {last:.1f} ms"))
-            ratios[("eager", 16, name, kind)] = c / s
-            print(rows[-1], flush=True)
-            if not args.no_compile and name != "resnet18" and kind in args.compile_kinds.split(","):
+            if "eager" in paths:
+                s, last, c = eager_path(static, converted, 16, rounds)
+                rows.append((name, kind, "eager", 16, s, c, f"static channels_last {last:.1f} ms"))
+                ratios[("eager", 16, name, kind)] = c / s
+                print(rows[-1], flush=True)
+            compile_this = "compiled" in paths and kind in args.compile_kinds.split(",")
+            if not args.no_compile and name != "resnet18" and compile_this:
                 for batch, (s, c) in compiled_path(static, converted, (1, 16), rounds).items():
                     rows.append((name, kind, "compiled", batch, s, c, "dynamic=True, inductor"))
                     ratios[("compiled", batch, name, kind)] = c / s
@@ -274,8 +281,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if not args.quick:
-        (RESULTS / "deploy.md").write_text(text)
-        print(f"wrote {RESULTS / 'deploy.md'}")
+        out = RESULTS / ("deploy.md" if every_path else f"deploy-{'-'.join(paths)}.md")
+        out.write_text(text)
+        print(f"wrote {out}")
 
 
 if __name__ == "__main__":
