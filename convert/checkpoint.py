@@ -29,11 +29,12 @@ import dynconv
 from .converter import CONVERSION_ATTR, Conversion, ConversionResult
 from .errors import OutputPathError, UserError, check_output_path
 from .folding import FOLDED_ATTR
+from .heads import replace_head
 from .models import ModelSource, tag_base
 from .surgery import build_layer, get_module, replace_all
 from .weights import with_module_versions
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 adds "head" (a new classifier head); files without one are still written as 1
 METADATA_KEY = "dynconv"
 #: Tensors under this prefix hold optional training state (optimizer buffers), not the model.
 TRAINING_PREFIX = "__training__."
@@ -127,7 +128,7 @@ def save_checkpoint(
     if training is not None:
         tensors.update({TRAINING_PREFIX + k: v.detach().contiguous().clone() for k, v in training[1].items()})
     structure = {
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if conversion.head else 1,
         "base": conversion.base.to_dict(),
         "recipe": conversion.recipe,
         "input_shape": list(conversion.input_shape),
@@ -135,6 +136,8 @@ def save_checkpoint(
         "aliases": aliases,
         "versions": _versions(),
     }
+    if conversion.head is not None:
+        structure["head"] = conversion.head
     if training is not None:
         structure["training"] = training[0]
     try:
@@ -246,7 +249,8 @@ def _base_model(meta: dict[str, Any], model: nn.Module | None, path: Path) -> nn
         return fresh
     if base.source == "custom":
         raise CheckpointError(
-            f"{path} was converted from a custom model ({base.name}); pass model= with an instance of it"
+            f"{path} was converted from a custom model ({base.name}); pass model= with an instance of it",
+            cli_hint="--model package.module:factory",
         )
     try:
         return base.build()
@@ -268,6 +272,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     if expected != _digest(tensors, structure):
         raise CheckpointError(f"{path} has been modified or corrupted: its digest does not match its contents")
     rebuilt = _base_model(meta, model, path)
+    if meta.get("head"):  # the new classifier head, before the convs (it may hold one)
+        replace_head(rebuilt, int(meta["head"]["num_classes"]))
     for record in meta["layers"]:
         names = list(record["names"])
         try:
@@ -296,6 +302,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
             meta.get("recipe", {}),
             tuple(meta["input_shape"]),
             list(meta["layers"]),
+            head=meta.get("head"),
         ),
     )
     return rebuilt.eval()
