@@ -204,7 +204,7 @@ def convert_model(
     shape = _input_shape(model, input_size)
     probe(converted, sites, shape)
     rules = check_patterns(include, exclude, spec, sites)
-    shrunk = shrunk_by_probe(converted, sites, shape)
+    shrunk = shrunk_by_probe(converted, sites, shape, default_input_size(model))
 
     layers: list[LayerRecord] = []
     skipped: list[SkipRecord] = []

@@ -77,15 +77,11 @@ def _match(source: str, name: str, model: nn.Module) -> ModelSource | None:
     default = _candidate(source, name, ())
     if default is None:
         return None
-    target = fingerprint(model)
-    if default[0] == target:
-        return ModelSource(source=source, name=name, kwargs={})
     mine = _traits(model)
     kwargs = {k: mine[k] for k in ARGUMENTS[source] if mine[k] is not None and mine[k] != default[1][k]}
-    if kwargs:
-        found = _candidate(source, name, tuple(sorted(kwargs.items())))
-        if found is not None and found[0] == target:
-            return ModelSource(source=source, name=name, kwargs=kwargs)
+    found = _candidate(source, name, tuple(sorted(kwargs.items()))) if kwargs else default
+    if found is not None and found[0] == fingerprint(model):
+        return ModelSource(source=source, name=name, kwargs=kwargs)
     return None
 
 

@@ -67,14 +67,18 @@ def default_skip_reason(site: ConvSite, shrunk: set[str], size: tuple[int, int])
     return None
 
 
-def shrunk_by_probe(model: nn.Module, sites: list[ConvSite], shape: tuple[int, int, int]) -> set[str]:
+def shrunk_by_probe(
+    model: nn.Module, sites: list[ConvSite], shape: tuple[int, int, int], native: tuple[int, int, int]
+) -> set[str]:
     """Names of the convs with a 1x1 input whose input grows with a twice larger probe (not gates).
 
-    Costs one more forward, only when some conv saw a 1x1 input. A model that does not
-    run at twice the size is taken at its word: its 1x1 inputs are treated as gates.
+    At the model's own input size (``native``) or above, a 1x1 input is a gate: models are
+    made so that their maps do not shrink to one pixel there. Below it, this costs one more
+    (small) forward when some conv saw a 1x1 input; a model that does not run at twice the
+    size is taken at its word, its 1x1 inputs treated as gates.
     """
     one_pixel = [ConvSite(list(s.names), s.module) for s in sites if s.input_hw == (1, 1)]
-    if not one_pixel:
+    if not one_pixel or (shape[1] >= native[1] and shape[2] >= native[2]):
         return set()
     channels, height, width = shape
     try:

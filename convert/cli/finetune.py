@@ -74,7 +74,10 @@ def finetune_cmd(
         console=err,
         transient=True,
         disable=rank != 0,
+        redirect_stdout=False,  # stdout may be a log file: its lines must not go to the terminal
+        redirect_stderr=False,
     )
+    same_screen = out.is_terminal and err.is_terminal  # then epoch lines go above the bar, not through it
     with bar:
         task = bar.add_task(f"epoch {epoch[0] + 1}/{epochs}", total=None, loss="")
 
@@ -85,7 +88,8 @@ def finetune_cmd(
 
         def on_epoch(log: EpochLog) -> None:
             epoch[0] = log.epoch
-            out.print(render.epoch_line(log, epochs), highlight=False, markup=False, soft_wrap=True)
+            console = bar.console if same_screen else out
+            console.print(render.epoch_line(log, epochs), highlight=False, markup=False, soft_wrap=True)
 
         state = finetune(
             checkpoint,

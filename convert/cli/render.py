@@ -125,7 +125,7 @@ def render_conversion(
     kinds = {r.kind for r in result.layers}
     uniform = len(kinds) == 1
     title = f"Converted layers ({len(result.layers)}" + (f", {next(iter(kinds))}" if uniform else "")
-    title += "; one row per block, --json lists each conv)" if collapsed else ")"
+    title += ", one row per block)" if collapsed else ")"  # a block: the first two parts of the names
     columns = [Col("layer", whole=True), Col("kernel"), Col("channels")] + ([] if uniform else [Col("kind")])
     columns += [Col("experts", "right"), Col("params", "right"), Col("MACs", "right")]
     rows = []
