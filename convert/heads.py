@@ -82,6 +82,7 @@ def replace_head(model: nn.Module, num_classes: int, seed: int = 0) -> list[str]
             f"cannot find the classifier head of this {type(model).__name__} (no reset_classifier method, and none "
             f"of its attributes {', '.join(HEAD_ATTRS)} holds a Linear layer); replace the head before converting"
         )
+    training = model.training
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if callable(reset):  # timm, and models that follow its interface
@@ -89,6 +90,7 @@ def replace_head(model: nn.Module, num_classes: int, seed: int = 0) -> list[str]
         else:
             for name in names:
                 set_module(model, name, _new_layer(get_module(model, name), num_classes))
+    model.train(training)  # the new layers in the model's mode (an eval model keeps no dropout on)
     return find_heads(model)
 
 

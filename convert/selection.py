@@ -63,7 +63,7 @@ def default_skip_reason(site: ConvSite, shrunk: set[str], size: tuple[int, int])
                 f"input is 1x1 spatially at the probe size {size[0]}x{size[1]} only: the feature map has shrunk to "
                 "one pixel (a larger input size converts it)"
             )
-        return "input is 1x1 spatially at any input size (a squeeze-excite style gate): nothing to gain"
+        return "input is 1x1 spatially at any input size (it reads a pooled map, e.g. a squeeze-excite gate)"
     return None
 
 

@@ -45,6 +45,12 @@ def _narrowest(col: Col, cells: list[str]) -> int:
     return max((cell_len(word) for text in [col.header, *cells] for word in text.split()), default=1)
 
 
+def natural_width(columns: Sequence[Col], rows: Sequence[Sequence[str]]) -> int:
+    """How wide a table of ``rows`` is with nothing wrapped."""
+    widths = [_natural(col, [str(row[i]) for row in rows]) for i, col in enumerate(columns)]
+    return sum(widths) + _overhead(len(columns))
+
+
 def fitted_table(
     console: Console,
     columns: Sequence[Col],

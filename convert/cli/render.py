@@ -24,7 +24,7 @@ from ..converter import ConversionResult, LayerRecord
 from ..export import ExportResult
 from ..recipe import Recipe
 from ..verify import Comparison
-from .fit import Col, fitted_table
+from .fit import Col, fitted_table, natural_width
 
 if TYPE_CHECKING:
     from dynconv import DynamicConv2d
@@ -125,7 +125,6 @@ def render_conversion(
     kinds = {r.kind for r in result.layers}
     uniform = len(kinds) == 1
     title = f"Converted layers ({len(result.layers)}" + (f", {next(iter(kinds))}" if uniform else "")
-    title += ", one row per block)" if collapsed else ")"  # a block: the first two parts of the names
     columns = [Col("layer", whole=True), Col("kernel"), Col("channels")] + ([] if uniform else [Col("kind")])
     columns += [Col("experts", "right"), Col("params", "right"), Col("MACs", "right")]
     rows = []
@@ -135,6 +134,12 @@ def render_conversion(
             macs += f" (+{100 * (row.macs_after / row.macs_before - 1):.1f}%)"
         cells = [row.name, row.kernel, row.channels] + ([] if uniform else [row.kind])
         rows.append([*cells, row.experts, human(row.params), macs])
+    experts = {row[-3] for row in rows}
+    if len(experts) == 1 and natural_width(columns, rows) > console.width:  # say it once, in the title
+        at = len(columns) - 3
+        columns, rows = columns[:at] + columns[at + 1 :], [row[:at] + row[at + 1 :] for row in rows]
+        title += f", {next(iter(experts))} experts"
+    title += ", one row per block)" if collapsed else ")"  # a block: the first two parts of the names
     drop = ("experts", "kernel", "params", "kind")
     console.print(fitted_table(console, columns, rows, drop=drop, title=title, title_justify="left"))
     if result.skipped:
