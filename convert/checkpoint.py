@@ -34,7 +34,7 @@ from .models import ModelSource, tag_base
 from .surgery import build_layer, get_module, replace_all
 from .weights import with_module_versions
 
-FORMAT_VERSION = 2  # 2 adds "head" (a new classifier head); files without one are still written as 1
+FORMAT_VERSION = 2  # 2 adds "head": a new classifier head (format 1 files still load)
 METADATA_KEY = "dynconv"
 #: Tensors under this prefix hold optional training state (optimizer buffers), not the model.
 TRAINING_PREFIX = "__training__."
@@ -128,7 +128,7 @@ def save_checkpoint(
     if training is not None:
         tensors.update({TRAINING_PREFIX + k: v.detach().contiguous().clone() for k, v in training[1].items()})
     structure = {
-        "format_version": FORMAT_VERSION if conversion.head else 1,
+        "format_version": FORMAT_VERSION,
         "base": conversion.base.to_dict(),
         "recipe": conversion.recipe,
         "input_shape": list(conversion.input_shape),

@@ -20,8 +20,6 @@ from .probe import ConvSite, ProbeError, probe
 from .recipe import Recipe, name_matches
 
 GLOB_CHARS = "*?["
-#: How to convert a conv the default selection skips (library terms; the CLI names its switches).
-FORCE_HINT = "name it exactly in the include patterns, or use a recipe rule with skip: false"
 
 
 class SelectionError(UserError):
@@ -52,7 +50,7 @@ def named_exactly(site: ConvSite, include: list[str]) -> bool:
 
 
 def default_skip_reason(site: ConvSite, shrunk: set[str], size: tuple[int, int]) -> str | None:
-    """Why the default selection leaves ``site`` alone, or ``None``; forced as :data:`FORCE_HINT` says."""
+    """Why the default selection leaves ``site`` alone, or ``None`` (an exact include name or a rule forces it)."""
     if site.calls == 0:
         return "not run by the probe forward (e.g. a training-only auxiliary head)"
     if site.reads_image:
