@@ -4,6 +4,7 @@ every unmatched pattern at once)."""
 
 from __future__ import annotations
 
+import copy
 import sys
 
 import pytest
@@ -22,31 +23,37 @@ def _x(size: int = 32, channels: int = 3) -> torch.Tensor:
     return torch.randn(2, channels, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def _round_trip(model: nn.Module, tmp_path, **options) -> tuple[convert.ConversionResult, nn.Module]:
-    """Convert (probe at 64: no map shrinks to one pixel), save, and load back by name."""
-    result = convert.convert_model(model, experts=2, input_size=64, **options)
+def _round_trip(model: nn.Module, tmp_path, include: str, **options) -> tuple[convert.ConversionResult, nn.Module]:
+    """Convert a few convs (enough: the rebuild does not depend on which), save, and load back by name."""
+    result = convert.convert_model(model, experts=2, input_size=64, include=include, **options)
     path = convert.save_checkpoint(result, tmp_path / "m.safetensors")
     return result, convert.load_checkpoint(path)  # no model=: rebuilt from the recorded name
 
 
 BUILT = [
-    ("torchvision", "resnet18", {}, lambda: torchvision.models.resnet18()),
-    ("torchvision", "resnet18", {"num_classes": 10}, lambda: torchvision.models.resnet18(num_classes=10)),
-    ("torchvision", "mobilenet_v3_small", {}, lambda: torchvision.models.mobilenet_v3_small()),
+    ("torchvision", "resnet18", {}, lambda: torchvision.models.resnet18(), "layer1.0.*"),
+    (
+        "torchvision",
+        "mobilenet_v3_small",
+        {"num_classes": 10},
+        lambda: torchvision.models.mobilenet_v3_small(num_classes=10),
+        "features.1.*",
+    ),
     (
         "timm",
-        "resnet18",
+        "resnet10t",
         {"num_classes": 7, "drop_rate": 0.2},
-        lambda: timm.create_model("resnet18", num_classes=7, drop_rate=0.2),
+        lambda: timm.create_model("resnet10t", num_classes=7, drop_rate=0.2),
+        "layer1.*",
     ),
 ]
 
 
-@pytest.mark.parametrize(("source", "name", "kwargs", "build"), BUILT, ids=[f"{b[1]}-{b[2]}" for b in BUILT])
-def test_models_built_directly_rebuild_by_name(source, name, kwargs, build, tmp_path) -> None:
+@pytest.mark.parametrize(("source", "name", "kwargs", "build", "include"), BUILT, ids=[f"{b[1]}-{b[2]}" for b in BUILT])
+def test_models_built_directly_rebuild_by_name(source, name, kwargs, build, include, tmp_path) -> None:
     torch.manual_seed(0)
     model = build().eval()
-    result, loaded = _round_trip(model, tmp_path)
+    result, loaded = _round_trip(model, tmp_path, include)
     assert result.base == convert.ModelSource(source=source, name=name, kwargs=kwargs)
     with torch.no_grad():
         torch.testing.assert_close(loaded(_x()), result.model.eval()(_x()))
@@ -69,17 +76,17 @@ def test_changed_zoo_models_and_own_code_stay_custom(tmp_path) -> None:
 
 
 HEADS = [
-    ("resnet18 fc", lambda: torchvision.models.resnet18(), ["fc"]),
-    ("mobilenet_v3_small classifier[-1]", lambda: torchvision.models.mobilenet_v3_small(), ["classifier.3"]),
-    ("timm reset_classifier", lambda: timm.create_model("resnet18"), ["fc"]),
+    ("resnet18 fc", lambda: torchvision.models.resnet18(), ["fc"], "layer1.0.*"),
+    ("mobilenet_v3_small classifier[-1]", torchvision.models.mobilenet_v3_small, ["classifier.3"], "features.1.*"),
+    ("timm reset_classifier", lambda: timm.create_model("resnet10t"), ["fc"], "layer1.*"),
 ]
 
 
-@pytest.mark.parametrize(("what", "build", "layers"), HEADS, ids=[h[0] for h in HEADS])
-def test_num_classes_gives_a_new_head_recorded_in_the_checkpoint(what, build, layers, tmp_path) -> None:
+@pytest.mark.parametrize(("what", "build", "layers", "include"), HEADS, ids=[h[0] for h in HEADS])
+def test_num_classes_gives_a_new_head_recorded_in_the_checkpoint(what, build, layers, include, tmp_path) -> None:
     torch.manual_seed(0)
     model = build().eval()
-    result, loaded = _round_trip(model, tmp_path, num_classes=10)
+    result, loaded = _round_trip(model, tmp_path, include, num_classes=10)
     assert result.head == {"num_classes": 10, "layers": layers}
     with torch.no_grad():
         assert model(_x()).shape == (2, 1000), "the input model was modified"
@@ -88,9 +95,9 @@ def test_num_classes_gives_a_new_head_recorded_in_the_checkpoint(what, build, la
         torch.testing.assert_close(loaded(_x()), result.model(_x()))
     meta = convert.read_metadata(tmp_path / "m.safetensors")
     assert meta["head"]["num_classes"] == 10 and meta["base"]["kwargs"] == {} and meta["format_version"] == 2
-    again = convert.convert_model(model, experts=2, input_size=32, num_classes=10)
-    head = layers[0]
-    assert torch.equal(again.model.get_submodule(head).weight, result.model.get_submodule(head).weight)
+    again = copy.deepcopy(model)
+    assert convert.replace_head(again, 10, seed=0) == layers  # the same seed gives the same head
+    assert torch.equal(again.get_submodule(layers[0]).weight, result.model.get_submodule(layers[0]).weight)
 
 
 def test_a_model_without_a_known_head_is_refused_clearly() -> None:
@@ -124,12 +131,13 @@ def test_a_selection_that_converts_nothing_is_an_error_that_says_why() -> None:
 def test_a_probe_size_that_shrinks_maps_to_one_pixel_says_so() -> None:
     model = torchvision.models.resnet18().eval()
     with pytest.warns(ConversionWarningCategory, match=r"shrinks to 1x1 before 3 conv.*layer4\.0\.conv2"):
-        result = convert.convert_model(model, experts=2, input_size=32)
+        result = convert.convert_model(model, experts=2, input_size=32, include="layer4.*")
     reasons = {s.name: s.reason for s in result.skipped}
+    assert [r.name for r in result.layers] == ["layer4.0.conv1", "layer4.0.downsample.0"]  # 2x2 inputs
     for name in ("layer4.0.conv2", "layer4.1.conv1", "layer4.1.conv2"):
         assert "shrunk to one pixel" in reasons[name] and "squeeze-excite" not in reasons[name]
     assert [w.cli_hint for w in result.warnings] == ["--input-size"]
-    assert convert.convert_model(model, experts=2, input_size=64).warnings == []
+    assert convert.convert_model(model, experts=2, input_size=64, include="layer4.*").warnings == []
 
 
 def test_every_unmatched_recipe_pattern_is_reported_at_once_with_counts() -> None:
@@ -153,7 +161,7 @@ def test_every_unmatched_recipe_pattern_is_reported_at_once_with_counts() -> Non
     assert "rule 0 4, rule 1 0, rule 2 0, rule 3 1" in message
     recipe["rules"] = [recipe["rules"][0], recipe["rules"][2]]
     with pytest.warns(ConversionWarningCategory, match=r"recipe rule 1 \(type=depthwise\) matches no conv"):
-        result = convert.convert_model(model, recipe=recipe, input_size=64)
+        result = convert.convert_model(model, recipe=recipe, input_size=64, include="layer1.0.*")
     assert [(r.index, r.match, r.action, r.convs) for r in result.rules] == [
         (0, "name=layer1.*", "experts=3", 4),
         (1, "type=depthwise", "skip", 0),

@@ -61,14 +61,16 @@ def weights(tmp_path_factory) -> Path:
 def imagenet_checkpoint(tmp_path_factory) -> Path:
     """A 1000-class resnet18 converted at 32x32 (what a user has before fine-tuning on their classes)."""
     path = tmp_path_factory.mktemp("ckpt") / "r18.safetensors"
-    result = run("convert", "resnet18", "-k", 2, "--input-size", 32, "-o", path, "--no-verify")
+    some = ("--include", "layer2.*", "--include", "layer3.*")  # enough layers to show, quick to convert
+    result = run("convert", "resnet18", "-k", 2, "--input-size", 32, "-o", path, *some)
     assert result.exit_code == 0, result.stderr
     return path
 
 
 def test_convert_num_classes_inspect_and_verify(weights, tmp_path) -> None:
     out = tmp_path / "r18-10.safetensors"
-    done = run("convert", "resnet18", "--weights", weights, "--num-classes", 10, "--input-size", 64, "-o", out)
+    args = ("--weights", weights, "--num-classes", 10, "--input-size", 64, "--include", "layer3.*", "-o", out)
+    done = run("convert", "resnet18", *args)
     assert done.exit_code == 0, done.stderr
     assert "new head" in done.stdout and "10 classes" in done.stdout and "— ok" in done.stdout
     assert "new head" in run("inspect", out).stdout
@@ -124,7 +126,7 @@ def test_include_glob_plan_lists_default_skips_and_how_to_force(tmp_path) -> Non
     assert "Converted layers (9, condconv" in done.stdout and "squeeze-excite" in done.stdout
     prose = " ".join(done.stdout.split())
     assert "name it exactly with --include NAME, or use a recipe rule with skip: false" in prose
-    grouped = run("convert", "efficientnet_b0", "--input-size", 64, "--dry-run", "--no-verify")
+    grouped = run("convert", "mobilenet_v3_small", "--input-size", 64, "--dry-run", "--no-verify")
     assert re.search(r"Converted layers \(\d\d, condconv(, 4 experts)?, one row per block\)", grouped.stdout)
 
 
@@ -133,7 +135,8 @@ def test_probe_size_warning_and_recipe_rule_counts_in_the_dry_run_plan(tmp_path)
     recipe.write_text(
         "rules:\n  - match: {name: 'layer1.*'}\n    experts: 3\n  - match: {type: depthwise}\n    skip: true\n"
     )
-    done = run("convert", "resnet18", "--recipe", recipe, "--input-size", 32, "--dry-run", "--no-verify")
+    args = ("--recipe", recipe, "--input-size", 32, "--include", "layer4.*", "--dry-run")
+    done = run("convert", "resnet18", *args, "--no-verify")
     assert done.exit_code == 0, done.stderr
     warnings = [line for line in done.stderr.splitlines() if line.startswith("warning: ")]
     assert len(warnings) == 2 and "layer4.0.conv2, layer4.1.conv1, layer4.1.conv2" in warnings[0]
@@ -141,7 +144,7 @@ def test_probe_size_warning_and_recipe_rule_counts_in_the_dry_run_plan(tmp_path)
     assert "shrunk" in done.stdout and "squeeze-excite" not in done.stdout
     assert "Recipe rules" in done.stdout
     assert re.search(r"│ +0 │ name=layer1\.\* +│ experts=3 +│ +4 │", done.stdout), done.stdout
-    plan = json.loads(run("convert", "resnet18", "--recipe", recipe, "--input-size", 32, "--dry-run", "--json").stdout)
+    plan = json.loads(run("convert", "resnet18", *args, "--json").stdout)
     assert [r["convs"] for r in plan["rules"]] == [4, 0] and len(plan["warnings"]) == 2
     recipe.write_text("rules:\n  - match: {name: 'layer5.*'}\n    skip: true\n  - match: {name: 'layr1.*'}\n")
     line = one_error(run("convert", "resnet18", "--recipe", recipe, "--input-size", 32, "--dry-run"))
