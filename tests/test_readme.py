@@ -7,19 +7,24 @@ The workflow blocks are read from the README (``<!-- test:workflow-python -->`` 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 import convert
 from convert.cli import app
+from convert.cli import finetune as finetune_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -46,40 +51,67 @@ def env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "COLUMNS": "80", "OMP_NUM_THREADS": "2", **extra}
 
 
-def shell(line: str, cwd: Path, **extra: str) -> subprocess.CompletedProcess:
-    """One README command line, with ``dynconv`` the installed script."""
+@dataclass
+class Ran:
+    """What one README command did."""
+
+    code: int
+    stdout: str
+    stderr: str
+
+
+def shell(line: str, cwd: Path, **extra: str) -> Ran:
+    """One README command line through the installed ``dynconv`` script, at 80 columns."""
     args = shlex.split(line)
     assert args[0] == "dynconv", line
-    return subprocess.run(
+    done = subprocess.run(
         [dynconv_exe(), *args[1:]], cwd=cwd, env=env(**extra), capture_output=True, text=True, timeout=300
     )
+    return Ran(done.returncode, done.stdout, done.stderr)
+
+
+def in_process(line: str, cwd: Path) -> Ran:
+    """One README command line run by the same app in this process (both streams captured apart)."""
+    args = shlex.split(line)
+    assert args[0] == "dynconv", line
+    old = os.getcwd()
+    os.chdir(cwd)
+    try:
+        done = CliRunner().invoke(app, args[1:])
+    finally:
+        os.chdir(old)
+    return Ran(done.exit_code, done.stdout, done.stderr)
 
 
 @pytest.fixture(scope="module")
 def workflow(tmp_path_factory) -> dict[str, object]:
-    """The README's workflow, run from a fresh folder with a 10-class image folder as ``data/``."""
+    """The README's workflow, run from a fresh folder with a 10-class image folder as ``data/``.
+
+    The Python block runs here; the first shell command (convert) through the installed
+    script at 80 columns, as a terminal runs it; the others in this process (the same app),
+    which keeps this test quick.
+    """
     folder = tmp_path_factory.mktemp("fresh")
-    write_digits(folder / "data", size=32, limit=150)
-    python = subprocess.run(
-        [sys.executable, "-c", block("test:workflow-python")],
-        cwd=folder,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert python.returncode == 0, python.stderr[-3000:]
+    write_digits(folder / "data", size=32, limit=60)  # 10 classes, 6 images each: a small folder
+    printed = io.StringIO()
+    old = os.getcwd()
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(printed):
+            exec(compile(block("test:workflow-python"), "README.md", "exec"), {"__name__": "__readme__"})
+    finally:
+        os.chdir(old)
     runs = {}
-    for line in block("test:workflow-shell").strip().splitlines():
-        done = shell(line, folder)
-        assert done.returncode == 0, (line, done.stderr[-3000:])
+    for index, line in enumerate(block("test:workflow-shell").strip().splitlines()):
+        done = shell(line, folder) if index == 0 else in_process(line, folder)
+        assert done.code == 0, (line, done.stderr[-3000:])
         runs[line.split()[1]] = done
-    return {"folder": folder, "python": python, "runs": runs}
+    return {"folder": folder, "printed": printed.getvalue(), "runs": runs}
 
 
 def test_the_readme_workflow_runs_and_rebuilds_by_name(workflow) -> None:
     folder = workflow["folder"]
-    assert "{'source': 'torchvision', 'name': 'resnet18', 'kwargs': {}} with a new head" in workflow["python"].stdout
+    assert "{'source': 'torchvision', 'name': 'resnet18', 'kwargs': {}} with a new head" in workflow["printed"]
     for name in ("resnet18-10.safetensors", "mobilenetv3-10.safetensors", "r18-10-ft.safetensors"):
         model = convert.load_checkpoint(folder / name)  # by name: no model=
         assert convert.read_metadata(folder / name)["head"]["num_classes"] == 10
@@ -103,14 +135,17 @@ def test_finetune_prints_each_epoch_once_when_both_streams_are_captured(workflow
     assert "wrote r18-10-ft.safetensors (epoch 1)" in done.stdout
 
 
-def test_finetune_on_a_terminal_shows_a_progress_bar_with_steps_and_eta(workflow) -> None:
-    folder = workflow["folder"]
-    args = "dynconv finetune r18-10.safetensors data/ --epochs 1 --batch-size 16 --max-steps 3 -o tty.safetensors"
-    done = shell(args, folder, TTY_COMPATIBLE="1", TTY_INTERACTIVE="1", NO_COLOR="1")
-    assert done.returncode == 0, done.stderr[-3000:]
-    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", done.stderr)  # cursor moves between the frames
-    assert re.search(r"epoch 1/1 .*[0-3]/3 steps, eta", shown), shown[-2000:]
-    assert len(re.findall(r"epoch 1/1: train loss", done.stdout + done.stderr)) == 1
+def test_finetune_on_a_terminal_shows_a_progress_bar_with_steps_and_eta(workflow, monkeypatch) -> None:
+    """stderr as a terminal would be (a real rich console, forced interactive, into a buffer)."""
+    terminal = io.StringIO()
+    console = Console(file=terminal, force_terminal=True, force_interactive=True, width=80, no_color=True)
+    monkeypatch.setattr(finetune_cli, "err", console)
+    line = "dynconv finetune r18-10.safetensors data/ --epochs 1 --batch-size 16 --max-steps 1 -o tty.safetensors"
+    done = in_process(line, workflow["folder"])
+    assert done.code == 0, done.stderr[-3000:]
+    shown = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", terminal.getvalue())  # cursor moves between the frames
+    assert re.search(r"epoch 1/1 .*[01]/1 steps, eta", shown), shown[-2000:]
+    assert len(re.findall(r"epoch 1/1: train loss", done.stdout + shown)) == 1
 
 
 def test_the_setup_command_can_run_again(tmp_path) -> None:
