@@ -163,7 +163,9 @@ def test_help_kinds_and_did_you_mean_read_cleanly() -> None:
     for command in ("convert", "finetune", "export"):
         text = run(command, "--help").stdout
         assert not re.search(r"--no-(no-verify|force|dry-run|pretrained|resume)", text), command
+        assert "`" not in text, command
     assert "--no-verify" in run("convert", "--help").stdout
+    assert "`" not in run("--help").stdout  # command help shows no docstring markup
     kinds = run("kinds")
     assert kinds.exit_code == 0 and "condconv" in kinds.stdout
     assert not re.search(r"``|:[a-z]+:`|\*\*", kinds.stdout)

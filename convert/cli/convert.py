@@ -43,7 +43,7 @@ def convert_cmd(
         ),
     ] = None,
     experts: Annotated[int | None, typer.Option("--experts", "-k", help="experts per layer (default 4)")] = None,
-    kind: Annotated[str | None, typer.Option(help="a kind from `dynconv kinds` (default condconv)")] = None,
+    kind: Annotated[str | None, typer.Option(help="a kind listed by dynconv kinds (default condconv)")] = None,
     recipe: Annotated[str | None, typer.Option(help="YAML recipe file, or a shipped recipe name")] = None,
     include: Annotated[list[str] | None, typer.Option(help="convert only convs matching (glob or re:regex)")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="leave convs matching alone")] = None,
