@@ -64,7 +64,7 @@ def test_changed_zoo_models_and_own_code_stay_custom(tmp_path) -> None:
     torch.manual_seed(0)
     changed = torchvision.models.resnet18()
     changed.fc = nn.Sequential(nn.Dropout(0.1), nn.Linear(512, 3))  # not what any builder makes
-    result = convert.convert_model(changed.eval(), experts=2, input_size=32)
+    result = convert.convert_model(changed.eval(), experts=2, input_size=64, include="layer1.0.*")
     assert result.base.source == "custom" and result.base.name == "torchvision.models.resnet:ResNet"
     path = convert.save_checkpoint(result, tmp_path / "changed.safetensors")
     with pytest.raises(convert.CheckpointError, match=r"custom model .*pass model=") as error:
