@@ -199,13 +199,15 @@ def test_timm_condconv_counts_as_already_dynamic() -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 8, 3, padding=1)
             self.cond = TimmCondConv2d(8, 8, 3, padding=1, num_experts=2)
+            self.after = nn.Conv2d(8, 8, 3, padding=1)  # something to convert
 
         def forward(self, x):
             x = self.conv(x)
-            return self.cond(x, torch.full((x.shape[0], 2), 0.5))
+            return self.after(self.cond(x, torch.full((x.shape[0], 2), 0.5)))
 
     result = convert.convert_model(WithTimm(), input_size=8)
     assert {s.name: s.reason for s in result.skipped}["cond"] == "already a dynamic conv (CondConv2d)"
+    assert [r.name for r in result.layers] == ["after"]
 
 
 @pytest.mark.parametrize("kind", ["condconv", "dyconv", "dynet"])
