@@ -6,24 +6,28 @@ checkpoints that rebuild without pickle.
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
-from .converter import ConversionResult, LayerRecord, SelectionError, SkipRecord, convert_model
+from .converter import ConversionResult, ConversionWarning, LayerRecord, SkipRecord, convert_model
 from .errors import DynconvError, UserError, WorkFailedError
 from .export import ExportError, ExportResult, export_onnx
 from .folding import FoldError, FoldResult, find_conv_bn_pairs, fold_batchnorm
+from .heads import HeadError, replace_head
 from .models import ModelNotFoundError, ModelSource, build_model, list_models
 from .probe import ProbeError
 from .recipe import Recipe, RecipeError, load_recipe
+from .selection import SelectionError
 from .sharing import SharingPlan
 from .weights import WeightsError, load_weights, read_state_dict
 
 __all__ = [
     "CheckpointError",
     "ConversionResult",
+    "ConversionWarning",
     "DynconvError",
     "ExportError",
     "ExportResult",
     "FoldError",
     "FoldResult",
+    "HeadError",
     "LayerRecord",
     "ModelNotFoundError",
     "ModelSource",
@@ -47,5 +51,6 @@ __all__ = [
     "load_weights",
     "read_metadata",
     "read_state_dict",
+    "replace_head",
     "save_checkpoint",
 ]

@@ -30,12 +30,14 @@ import dynconv
 from .converter import CONVERSION_ATTR, Conversion, ConversionResult
 from .errors import OutputPathError, UserError, check_output_path
 from .folding import FOLDED_ATTR
+from .heads import replace_head
 from .models import ModelSource, tag_base
 from .sharing import apply_groups
 from .surgery import build_layer, get_module, replace_all
 from .weights import with_module_versions
 
-#: 2 adds ``sharing`` (routers shared per block); format 1 files still load (no sharing).
+#: 2 adds ``sharing`` (routers shared per block) and ``head`` (a new classifier head);
+#: format 1 files still load (no sharing, the original head).
 FORMAT_VERSION = 2
 METADATA_KEY = "dynconv"
 #: Tensors under this prefix hold optional training state (optimizer buffers), not the model.
@@ -140,6 +142,8 @@ def save_checkpoint(
     }
     if conversion.sharing:
         structure["sharing"] = conversion.sharing
+    if conversion.head is not None:
+        structure["head"] = conversion.head
     if training is not None:
         structure["training"] = training[0]
     try:
@@ -251,7 +255,8 @@ def _base_model(meta: dict[str, Any], model: nn.Module | None, path: Path) -> nn
         return fresh
     if base.source == "custom":
         raise CheckpointError(
-            f"{path} was converted from a custom model ({base.name}); pass model= with an instance of it"
+            f"{path} was converted from a custom model ({base.name}); pass model= with an instance of it",
+            cli_hint="--model package.module:factory",
         )
     try:
         return base.build()
@@ -273,6 +278,8 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
     if expected != _digest(tensors, structure):
         raise CheckpointError(f"{path} has been modified or corrupted: its digest does not match its contents")
     rebuilt = _base_model(meta, model, path)
+    if meta.get("head"):  # the new classifier head, before the convs (it may hold one)
+        replace_head(rebuilt, int(meta["head"]["num_classes"]))
     for record in meta["layers"]:
         names = list(record["names"])
         try:
@@ -309,6 +316,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
             tuple(meta["input_shape"]),
             list(meta["layers"]),
             sharing,
+            head=meta.get("head"),
         ),
     )
     return rebuilt.eval()

@@ -9,7 +9,7 @@ parameters and MACs before and after.
 from __future__ import annotations
 
 import copy
-import difflib
+import warnings
 import zlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -22,17 +22,22 @@ from dynconv.shared_routing import count_routers
 from .conv_classes import UnsupportedConvError, conversion_options
 from .counting import count_macs, count_params
 from .errors import UserError
+from .heads import replace_head
 from .models import ModelSource, base_of
 from .probe import ConvSite, default_input_size, find_convs, is_already_dynamic, probe
 from .recipe import Recipe, load_recipe, name_matches
+from .selection import (
+    RuleReport,
+    check_patterns,
+    default_skip_reason,
+    named_exactly,
+    nothing_converted,
+    shrunk_by_probe,
+)
 from .sharing import SharingPlan, check_mode, share_blocks
 from .surgery import build_layer, replace_all
 
 CONVERSION_ATTR = "dynconv_conversion"
-
-
-class SelectionError(UserError):
-    """An include/exclude/rule pattern matches no conv; the message lists close names."""
 
 
 @dataclass
@@ -75,6 +80,18 @@ class SkipRecord:
     in_channels: int
     out_channels: int
     input_hw: tuple[int, int] | None = None
+    default: bool = False  # a default skip (stem, 1x1 input, not run): forced by an exact name or a rule
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class ConversionWarning:
+    """Something the user should know about a conversion that succeeded (e.g. a probe size too small)."""
+
+    message: str
+    cli_hint: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +106,7 @@ class Conversion:
     input_shape: tuple[int, int, int]
     layers: list[dict[str, Any]] = field(default_factory=list)  # {"names", "kind", "options"}
     sharing: list[dict[str, Any]] = field(default_factory=list)  # {"block", "block_type", "layers"}
+    head: dict[str, Any] | None = None  # a new classifier head: {"num_classes", "layers"}
 
 
 @dataclass
@@ -106,6 +124,11 @@ class ConversionResult:
     macs_before: int
     macs_after: int
     sharing: SharingPlan | None = None  # with share_routing: block, which convs share a router and why
+    #: What the converted model is checked against: the input model, or a copy of it with the new head.
+    reference: nn.Module | None = None
+    head: dict[str, Any] | None = None
+    rules: list[RuleReport] = field(default_factory=list)
+    warnings: list[ConversionWarning] = field(default_factory=list)
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -142,27 +165,6 @@ def _input_shape(model: nn.Module, input_size: int | tuple[int, ...] | None) -> 
     raise UserError(f"input_size must be an int, (H, W) or (C, H, W), got {input_size!r}")
 
 
-def _check_patterns(patterns: list[str], sites: list[ConvSite], what: str) -> None:
-    names = [n for site in sites for n in site.names]
-    for pattern in patterns:
-        if not any(name_matches(pattern, n) for n in names):
-            stem = pattern.removeprefix("re:").replace("*", "").replace("?", "")
-            close = difflib.get_close_matches(stem, names, n=5, cutoff=0.4)
-            hint = f" Close conv names: {', '.join(close)}." if close else ""
-            raise SelectionError(f"{what} pattern {pattern!r} matches no conv in the model.{hint}")
-
-
-def _soft_skip_reason(site: ConvSite) -> str | None:
-    """Default reasons to leave a conv alone; an explicit include overrides them."""
-    if site.calls == 0:
-        return "not run by the probe forward (e.g. a training-only auxiliary head)"
-    if site.reads_image:
-        return "stem: reads the image channels"
-    if site.input_hw is not None and site.input_hw == (1, 1):
-        return "input is 1x1 spatially (a squeeze-excite style gate): nothing to gain"
-    return None
-
-
 def convert_model(
     model: nn.Module,
     recipe: Recipe | dict[str, Any] | str | None = None,
@@ -175,9 +177,13 @@ def convert_model(
     noise: float | None = None,
     input_size: int | tuple[int, ...] | None = None,
     share_routing: str | None = None,
+    num_classes: int | None = None,
 ) -> ConversionResult:
     """Convert the selected convs of a copy of ``model``; ``model`` itself is not modified.
 
+    ``num_classes`` gives the copy a new classifier head for that many classes first
+    (seeded by ``seed``; recorded, so the checkpoint rebuilds it); ``result.reference``
+    is then the unconverted model with that same head, what the conversion preserves.
     ``kind`` (default ``condconv``), ``experts`` (default 4), ``noise`` and ``seed``
     override the recipe's defaults; ``include``/``exclude`` are globs (or ``re:``
     regexes) on qualified names. ``input_size`` is the probe forward's size (default:
@@ -198,34 +204,35 @@ def convert_model(
     exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
 
     base = base_of(model)
-    try:
-        converted = copy.deepcopy(model)
-    except RuntimeError as exc:
-        if "graph leaves" not in str(exc):
-            raise
-        raise UserError(
-            f"the model cannot be copied, and dynconv never modifies the model it is given ({exc}); "
-            "old-style torch.nn.utils.weight_norm is a common cause: use torch.nn.utils.parametrizations.weight_norm"
-        ) from None
+    reference, head = model, None
+    if num_classes is not None:
+        reference = _copy(model)
+        head = {"num_classes": num_classes, "layers": replace_head(reference, num_classes, seed)}
+    converted = _copy(reference)
     sites = find_convs(converted)
     shape = _input_shape(model, input_size)
     probe(converted, sites, shape)
-    _check_patterns(include, sites, "include")
-    _check_patterns(exclude, sites, "exclude")
-    for index, rule in enumerate(spec.rules):
-        _check_patterns(rule.match.name or [], sites, f"recipe rule {index}")
+    rules = check_patterns(include, exclude, spec, sites)
+    shrunk = shrunk_by_probe(converted, sites, shape, default_input_size(model))
 
     layers: list[LayerRecord] = []
     skipped: list[SkipRecord] = []
-    conversion = Conversion(base, {**spec.model_dump(), "overrides": overrides, "seed": seed}, shape)
+    conversion = Conversion(base, {**spec.model_dump(), "overrides": overrides, "seed": seed}, shape, head=head)
     built: dict[str, DynamicConv2d] = {}
     wanted: dict[str, bool] = {}
     for site in sites:
-        reason, options = _decide(site, spec, overrides, include, exclude)
+        reason, options, default = _decide(site, spec, overrides, include, exclude, shrunk, shape[1:])
         if reason is not None:
             skipped.append(
                 SkipRecord(
-                    site.name, site.names[1:], reason, site.kernel, site.in_channels, site.out_channels, site.input_hw
+                    site.name,
+                    site.names[1:],
+                    reason,
+                    site.kernel,
+                    site.in_channels,
+                    site.out_channels,
+                    site.input_hw,
+                    default,
                 )
             )
             continue
@@ -258,6 +265,11 @@ def convert_model(
                 noise=float(options["noise"]),
             )
         )
+    if not layers:
+        raise nothing_converted(skipped)
+    notes = _warnings(skipped, shrunk, shape, rules)
+    for note in notes:
+        warnings.warn(note.message, ConversionWarningCategory, stacklevel=2)
     sharing = None
     if any(wanted.values()):
         sharing = share_blocks(converted, built, wanted, {r.name: r for r in layers}, shape)
@@ -270,35 +282,85 @@ def convert_model(
         base=base,
         recipe=conversion.recipe,
         input_shape=shape,
-        params_before=count_params(model),
+        params_before=count_params(reference),
         params_after=count_params(converted),
-        macs_before=count_macs(model, shape),
+        macs_before=count_macs(reference, shape),
         macs_after=count_macs(converted, shape),
         sharing=sharing,
+        reference=reference,
+        head=head,
+        rules=rules,
+        warnings=notes,
     )
 
 
+class ConversionWarningCategory(UserWarning):
+    """The category of the Python warnings ``convert_model`` issues (also in ``result.warnings``)."""
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    try:
+        return copy.deepcopy(model)
+    except RuntimeError as exc:
+        if "graph leaves" not in str(exc):
+            raise
+        raise UserError(
+            f"the model cannot be copied, and dynconv never modifies the model it is given ({exc}); "
+            "old-style torch.nn.utils.weight_norm is a common cause: use torch.nn.utils.parametrizations.weight_norm"
+        ) from None
+
+
+def _warnings(
+    skipped: list[SkipRecord], shrunk: set[str], shape: tuple[int, int, int], rules: list[RuleReport]
+) -> list[ConversionWarning]:
+    """A too small probe size (names the convs it left static), and recipe rules that matched nothing."""
+    notes = []
+    small = [s.name for s in skipped if s.name in shrunk and s.default]
+    if small:
+        shown = ", ".join(small[:6]) + (f" and {len(small) - 6} more" if len(small) > 6 else "")
+        notes.append(
+            ConversionWarning(
+                f"at the probe size {shape[1]}x{shape[2]} the feature map shrinks to 1x1 before {len(small)} "
+                f"conv(s), left static: {shown}; a larger input size converts them",
+                cli_hint="--input-size",
+            )
+        )
+    for rule in rules:
+        if rule.convs == 0:
+            notes.append(ConversionWarning(f"recipe rule {rule.index} ({rule.match}) matches no conv"))
+    return notes
+
+
 def _decide(
-    site: ConvSite, spec: Recipe, overrides: dict[str, Any], include: list[str], exclude: list[str]
-) -> tuple[str | None, dict[str, Any]]:
-    """``(reason to skip or None, resolved options)`` for one conv."""
+    site: ConvSite,
+    spec: Recipe,
+    overrides: dict[str, Any],
+    include: list[str],
+    exclude: list[str],
+    shrunk: set[str],
+    size: tuple[int, int],
+) -> tuple[str | None, dict[str, Any], bool]:
+    """``(reason to skip or None, resolved options, whether it is a default skip)`` for one conv.
+
+    An include glob narrows the scope; the default skips still apply inside it unless the
+    conv is named exactly or a recipe rule keeps it (``skip: false``).
+    """
     if is_already_dynamic(site.module):
-        return f"already a dynamic conv ({type(site.module).__name__})", {}
+        return f"already a dynamic conv ({type(site.module).__name__})", {}, False
     try:
         conversion_options(site.module)
     except UnsupportedConvError as exc:
-        return str(exc), {}
-    included = any(name_matches(p, n) for p in include for n in site.names)
-    if include and not included:
-        return "not matched by the include patterns", {}
+        return str(exc), {}, False
+    if include and not any(name_matches(p, n) for p in include for n in site.names):
+        return "not matched by the include patterns", {}, False
     for pattern in exclude:
         if any(name_matches(pattern, n) for n in site.names):
-            return f"excluded by pattern {pattern!r}", {}
+            return f"excluded by pattern {pattern!r}", {}, False
     options, skip_rule, unskipped = spec.resolve(site, overrides)
     if skip_rule is not None:
-        return f"skipped by recipe rule {skip_rule}", options
-    if not (included or unskipped):
-        soft = _soft_skip_reason(site)
-        if soft is not None:
-            return soft, options
-    return None, options
+        return f"skipped by recipe rule {skip_rule}", options, False
+    if not (unskipped or named_exactly(site, include)):
+        default = default_skip_reason(site, shrunk, size)
+        if default is not None:
+            return default, options, True
+    return None, options, False

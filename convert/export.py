@@ -16,6 +16,7 @@ contract's tolerance.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import tempfile
@@ -72,15 +73,32 @@ class ExportResult:
     strategies: dict[str, int] = field(default_factory=dict)  # core form -> dynamic layers traced with it
 
 
+#: The packages of the optional ``export`` extra (pyproject.toml), named as the README names them.
+EXPORT_EXTRA = ("onnx", "onnxscript", "onnxruntime")
+
+
+def missing_export_packages() -> list[str]:
+    """The packages of the ``export`` extra that cannot be imported here."""
+    missing = []
+    for name in EXPORT_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def _onnxruntime():  # the module; imported late because export is an optional extra
-    try:
-        import onnxruntime
-        import onnxscript  # noqa: F401 - torch.onnx's exporter needs it
-    except ImportError as exc:
+    missing = missing_export_packages()
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
         raise ExportDependencyError(
-            f"ONNX export needs onnx, onnxscript and onnxruntime ({exc.name} is missing); "
-            "install them with pip install 'dynconv[export]'"
-        ) from None
+            f"ONNX export needs dynconv's export extra, and {', '.join(missing)} {verb} missing; install the "
+            'extra with pip install -e ".[export]" in the dynconv source folder (pip install "dynconv[export]" '
+            "from a package index)"
+        )
+    import onnxruntime
+
     return onnxruntime
 
 

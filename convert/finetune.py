@@ -27,6 +27,7 @@ import dynconv
 from .checkpoint import CheckpointError, load_checkpoint, read_training_state, save_checkpoint
 from .converter import CONVERSION_ATTR
 from .errors import UserError, WorkFailedError, check_output_path
+from .heads import replace_head
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -266,10 +267,15 @@ def finetune(
     overwrite: bool = False,
     log: Callable[[EpochLog], None] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    num_classes: int | None = None,
+    model: nn.Module | None = None,
 ) -> RunState:
     """Fine-tune a converted checkpoint on an image folder; write ``output`` after every epoch.
 
     With ``resume``, continue from ``output``'s own saved epoch, optimizer and schedule.
+    ``num_classes`` (the folder's class count) gives a model that predicts another number
+    of classes a new head first, recorded in the output. ``model`` is the base module of
+    a checkpoint converted from custom code (see :func:`~convert.load_checkpoint`).
     """
     checkpoint, data, output = Path(checkpoint), Path(data), Path(output)
     state, optimizer_state, source = RunState(), None, checkpoint
@@ -284,15 +290,20 @@ def finetune(
         optimizer_state, source = (info["optimizer"], tensors), output
     else:
         check_output_path(output, overwrite)
-    model = load_checkpoint(source)
+    base = model
+    model = load_checkpoint(source, model=base)
     size = config.image_size or int(dynconv_input_size(model))
     train_set, val_set, classes = image_folder_splits(data, size, config.val_fraction, config.seed)
+    if num_classes is not None and num_classes != classes:
+        raise UserError(f"a head for {num_classes} classes was asked for, but {data} has {classes} classes")
     outputs = _output_classes(model, size)
     if outputs != classes:
-        raise UserError(
-            f"the model predicts {outputs} classes but {data} has {classes}; convert a model built with "
-            f"num_classes={classes}"
-        )
+        if num_classes is None:
+            raise UserError(
+                f"the model predicts {outputs} classes but {data} has {classes}; give it a new head for them",
+                cli_hint=f"--num-classes {classes}",
+            )
+        new_head(model, classes, config.seed)
 
     def save(epoch_log: EpochLog, trained: nn.Module, optimizer: torch.optim.Optimizer, run: RunState) -> None:
         info, tensors = _optimizer_state(optimizer)
@@ -318,6 +329,15 @@ def finetune(
         on_epoch=save,
         progress=progress,
     )
+
+
+def new_head(model: nn.Module, num_classes: int, seed: int = 0) -> list[str]:
+    """Give a converted model (in place) a new classifier head, recorded so its checkpoint rebuilds it."""
+    conversion = getattr(model, CONVERSION_ATTR)
+    names = replace_head(model, num_classes, seed)
+    conversion.head = {"num_classes": num_classes, "layers": names}
+    conversion.layers = [r for r in conversion.layers if not set(r["names"]) & set(names)]
+    return names
 
 
 def _recorded(config: TrainConfig) -> dict[str, Any]:

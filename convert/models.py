@@ -99,7 +99,8 @@ def resolve_source(name: str, source: str | None = None) -> str:
 
     if timm.is_model(name):
         return "timm"
-    close = difflib.get_close_matches(name, torchvision_models() + timm_models(), n=5, cutoff=0.6)
+    names = list(dict.fromkeys(torchvision_models() + timm_models()))  # resnet18 is in both: list it once
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(close)}?" if close else " Run `dynconv models` to list the names."
     raise ModelNotFoundError(f"unknown model {name!r}: not a torchvision or timm model name.{hint}")
 
@@ -167,9 +168,15 @@ def tag_base(model: nn.Module, base: ModelSource) -> None:
 
 
 def base_of(model: nn.Module) -> ModelSource:
-    """The recorded base of ``model``, or a ``custom`` record named after its class."""
+    """The recorded base of ``model``; else the torchvision or timm record that rebuilds it exactly
+    (see :mod:`convert.identify`); else a ``custom`` record named after its class."""
     base = getattr(model, BASE_ATTR, None)
     if isinstance(base, ModelSource):
         return base
+    from .identify import identify
+
+    found = identify(model)
+    if found is not None:
+        return found
     cls = type(model)
     return ModelSource(source="custom", name=f"{cls.__module__}:{cls.__qualname__}")

@@ -26,6 +26,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "zoo.md"
 KINDS = ("condconv", "dyconv", "dynet")
 NOT_APPLICABLE = "n/a: the model has no nn.Conv2d, nothing to convert"
+#: A recipe whose one rule keeps every conv: forces the default skips (a model with only a stem conv).
+KEEP_ALL = {"rules": [{"skip": False}]}
 CONV_PARAM_BUDGET = 50_000_000  # ResNet-101's convs (43M) fit 300 s per model; ResNet-152's (58M) do not
 SMALL_HINTS = ("atto", "femto", "pico", "nano", "tiny", "small", "_s", "18", "b0", "mobile", "lite", "xxs", "t0")
 
@@ -116,10 +118,11 @@ def run_one(source: str, name: str, kinds: list[str], size: int, conv_budget: in
         start = time.perf_counter()
         row = {"kind": kind, "size": shape[1]}
         try:
-            result = convert.convert_model(base, kind=kind, experts=4, input_size=shape)
-            if not result.layers:  # only a stem conv (ViTs): show it converts when asked
-                result = convert.convert_model(base, kind=kind, experts=4, input_size=shape, include="*")
-                row["note"] = "only stem convs; converted with include='*'"
+            try:
+                result = convert.convert_model(base, kind=kind, experts=4, input_size=shape)
+            except convert.SelectionError:  # only a stem conv (ViTs): show it converts when asked
+                result = convert.convert_model(base, kind=kind, experts=4, input_size=shape, recipe=KEEP_ALL)
+                row["note"] = "only stem convs; converted with a rule skip: false"
             row["converted"] = len(result.layers)
             row["skipped"] = len(result.skipped)
             model = result.model.eval()

@@ -32,3 +32,21 @@ class NoisyNet(nn.Module):
 
 def noisy_net() -> nn.Module:
     return NoisyNet()
+
+
+class SmallClassifier(nn.Module):
+    """A custom model with its head under ``fc``, as torchvision's are: ``--num-classes`` can replace it."""
+
+    def __init__(self, num_classes: int = 4) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
+        )
+        self.fc = nn.Linear(8, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).flatten(1))
+
+
+def small_classifier() -> nn.Module:
+    return SmallClassifier()

@@ -80,7 +80,7 @@ def test_convert_output_tables(weights, tmp_path) -> None:
     assert result.exit_code == 0, result.stderr
     text = result.stdout
     for piece in (
-        "Converted layers (19, condconv)",
+        "Converted layers (19, condconv",
         "layer4.1.conv2",
         "Skipped convs (1)",
         "stem: reads the image",

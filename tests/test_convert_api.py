@@ -74,17 +74,19 @@ def test_default_selection_and_reasons() -> None:
     assert close_enough(result.model(x_for()), tiny()(x_for()))
 
 
-def test_include_overrides_default_skips_and_exclude_removes() -> None:
+def test_include_by_exact_name_forces_and_exclude_removes() -> None:
     result = convert.convert_model(tiny(), include=["stem", "re:body\\.[03]"], input_size=16)
     assert [r.name for r in result.layers] == ["stem", "body.0", "body.3"]
     assert {s.name: s.reason for s in result.skipped}["body.2"] == "not matched by the include patterns"
-    result = convert.convert_model(tiny(), exclude="body.*", input_size=16)
-    assert result.layers == []
-    assert all("excluded by pattern 'body.*'" == s.reason for s in result.skipped if s.name.startswith("body"))
+    result = convert.convert_model(tiny(), exclude="body.2", input_size=16)
+    assert [r.name for r in result.layers] == ["body.0", "body.3"]
+    assert {s.name: s.reason for s in result.skipped}["body.2"] == "excluded by pattern 'body.2'"
+    with pytest.raises(convert.SelectionError, match=r"no conv would be converted: all 5 .*3 excluded by pattern"):
+        convert.convert_model(tiny(), exclude="body.*", input_size=16)
 
 
 def test_pattern_matching_nothing_lists_close_names() -> None:
-    with pytest.raises(convert.SelectionError, match=r"include pattern 'bodyy\.0'.*Close conv names: body\.0"):
+    with pytest.raises(convert.SelectionError, match=r"include pattern 'bodyy\.0'.*close conv names: body\.0"):
         convert.convert_model(tiny(), include="bodyy.0", input_size=16)
     with pytest.raises(convert.SelectionError, match="exclude pattern"):
         convert.convert_model(tiny(), exclude="re:nothing.*", input_size=16)
@@ -133,7 +135,8 @@ def test_selector_criteria() -> None:
         "body.2",
         "body.3",
     }
-    assert convert.convert_model(tiny(), recipe=skip_big_maps, input_size=32).layers == []
+    with pytest.raises(convert.SelectionError, match="no conv would be converted"):
+        convert.convert_model(tiny(), recipe=skip_big_maps, input_size=32)
 
 
 def test_weight_tied_conv_is_converted_once_and_stays_shared(tmp_path) -> None:
@@ -173,14 +176,15 @@ def test_already_dynamic_and_custom_forward_convs_are_skipped_with_reasons() -> 
         CustomForwardConv(8, 8, 3, padding=1),
         nn.utils.parametrizations.weight_norm(nn.Conv2d(8, 8, 3, padding=1)),
         hooked,
+        nn.Conv2d(8, 8, 3, padding=1),
     )
-    result = convert.convert_model(model, input_size=8, include=["1", "2", "3", "4"])
+    result = convert.convert_model(model, input_size=8, include=["1", "2", "3", "4", "5"])
     reasons = {s.name: s.reason for s in result.skipped}
     assert reasons["1"].startswith("already a dynamic conv")
     assert "has its own forward" in reasons["2"]
     assert "parametrized weight" in reasons["3"]
     assert "hooks" in reasons["4"]
-    assert result.layers == []
+    assert [r.name for r in result.layers] == ["5"]
 
 
 def test_uncopyable_model_is_refused_clearly() -> None:
@@ -195,13 +199,15 @@ def test_timm_condconv_counts_as_already_dynamic() -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 8, 3, padding=1)
             self.cond = TimmCondConv2d(8, 8, 3, padding=1, num_experts=2)
+            self.after = nn.Conv2d(8, 8, 3, padding=1)  # something to convert
 
         def forward(self, x):
             x = self.conv(x)
-            return self.cond(x, torch.full((x.shape[0], 2), 0.5))
+            return self.after(self.cond(x, torch.full((x.shape[0], 2), 0.5)))
 
     result = convert.convert_model(WithTimm(), input_size=8)
     assert {s.name: s.reason for s in result.skipped}["cond"] == "already a dynamic conv (CondConv2d)"
+    assert [r.name for r in result.layers] == ["after"]
 
 
 @pytest.mark.parametrize("kind", ["condconv", "dyconv", "dynet"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -14,14 +15,14 @@ import dynconv
 
 from .. import catalog
 from ..checkpoint import save_checkpoint
-from ..converter import convert_model
+from ..converter import ConversionWarningCategory, convert_model
 from ..models import build_model, resolve_source
 from ..recipe import Recipe, load_recipe
 from ..sharing import SHARE_MODES
 from ..verify import compare
 from ..weights import load_weights
 from . import render
-from .common import Debug, Json, UsageError, check_output, command, out, step, steps, tolerance_error
+from .common import Debug, Json, UsageError, check_output, command, err, out, step, steps, tolerance_error
 
 
 def default_output(model: str, kind: str, experts: int) -> Path:
@@ -43,22 +44,28 @@ def convert_cmd(
         ),
     ] = None,
     experts: Annotated[int | None, typer.Option("--experts", "-k", help="experts per layer (default 4)")] = None,
-    kind: Annotated[str | None, typer.Option(help="a kind from `dynconv kinds` (default condconv)")] = None,
+    kind: Annotated[str | None, typer.Option(help="a kind listed by dynconv kinds (default condconv)")] = None,
     recipe: Annotated[str | None, typer.Option(help="YAML recipe file, or a shipped recipe name")] = None,
     include: Annotated[list[str] | None, typer.Option(help="convert only convs matching (glob or re:regex)")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="leave convs matching alone")] = None,
     weights: Annotated[Path | None, typer.Option(help="original weights (.safetensors, .pth, .pt)")] = None,
-    pretrained: Annotated[bool, typer.Option(help="download the zoo's pretrained weights")] = False,
+    pretrained: Annotated[bool, typer.Option("--pretrained", help="download the zoo's pretrained weights")] = False,
+    num_classes: Annotated[
+        int | None,
+        typer.Option("--num-classes", help="replace the classifier head with a new one for N classes"),
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="checkpoint to write")] = None,
-    force: Annotated[bool, typer.Option(help="overwrite an existing output")] = False,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing output")] = False,
     seed: Annotated[int | None, typer.Option(help="seed for the experts' noise (default 0)")] = None,
     noise: Annotated[float | None, typer.Option(help="relative noise between experts (default 0.01)")] = None,
     input_size: Annotated[int | None, typer.Option(help="probe/verification image size (default: the model's)")] = None,
     share_routing: Annotated[
         str | None, typer.Option(help="none | block: one router per block, fed by the block's input (default none)")
     ] = None,
-    dry_run: Annotated[bool, typer.Option(help="show the plan, write nothing")] = False,
-    no_verify: Annotated[bool, typer.Option(help="skip comparing converted and original outputs")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="show the plan, write nothing")] = False,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="skip comparing converted and original outputs")
+    ] = False,
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:
@@ -69,6 +76,8 @@ def convert_cmd(
             raise UsageError("choose one of --weights FILE and --pretrained")
         if experts is not None and experts < 1:
             raise UsageError(f"--experts must be at least 1, got {experts}")
+        if num_classes is not None and num_classes < 1:
+            raise UsageError(f"--num-classes must be at least 1, got {num_classes}")
         if kind is not None and kind not in dynconv.LAYERS:
             raise UsageError(f"unknown kind {kind!r}; choose one of {', '.join(dynconv.LAYERS)}")
         if share_routing is not None and share_routing not in SHARE_MODES:
@@ -94,30 +103,36 @@ def convert_cmd(
         original = step(progress, f"building {name}", lambda: build_model(name, pretrained=pretrained, **kwargs).eval())
         if weights is not None:
             step(progress, f"loading {weights}", lambda: load_weights(original, weights))
-        result = step(
-            progress,
-            "converting",
-            lambda: convert_model(
-                original,
-                spec,
-                kind=kind,
-                experts=experts,
-                include=include or None,
-                exclude=exclude or None,
-                seed=seed,
-                noise=noise,
-                input_size=input_size,
-                share_routing=share_routing,
-            ),
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConversionWarningCategory)  # shown below, with the switch to use
+            result = step(
+                progress,
+                "converting",
+                lambda: convert_model(
+                    original,
+                    spec,
+                    kind=kind,
+                    experts=experts,
+                    include=include or None,
+                    exclude=exclude or None,
+                    seed=seed,
+                    noise=noise,
+                    input_size=input_size,
+                    num_classes=num_classes,
+                    share_routing=share_routing,
+                ),
+            )
         check = None
         if not no_verify:
             x = torch.randn(2, *result.input_shape, generator=torch.Generator().manual_seed(0))
-            check = step(progress, "verifying", lambda: compare(original, result.model, x))
+            check = step(progress, "verifying", lambda: compare(result.reference, result.model, x))
         written, size = None, None
         if not dry_run and (check is None or check.within_tolerance):
             step(progress, f"writing {path}", lambda: save_checkpoint(result, path, overwrite=force))
             written, size = str(path), path.stat().st_size
+    for note in result.warnings:
+        hint = f" ({note.cli_hint})" if note.cli_hint else ""
+        err.print(f"warning: {note.message}{hint}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     if as_json:
         print(json.dumps(render.conversion_json(name, result, check, written, size, dry_run), indent=2))
     else:

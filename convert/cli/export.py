@@ -29,9 +29,11 @@ def export_cmd(
         list[int] | None,
         typer.Option("--batch", help="batch sizes to check a dynamic graph at in onnxruntime (default 1 and 3)"),
     ] = None,
-    model: Annotated[str | None, typer.Option(help="package.module:factory for a custom base model")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="base model of a checkpoint converted from custom code: package.module:factory")
+    ] = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: torch.onnx's)")] = None,
-    force: Annotated[bool, typer.Option(help="overwrite an existing output")] = False,
+    force: Annotated[bool, typer.Option("--force", help="overwrite an existing output")] = False,
     as_json: Json = False,
     debug: Debug = False,
 ) -> None:

@@ -22,7 +22,7 @@ def models_cmd(
     source: Annotated[str | None, typer.Option(help="torchvision or timm only")] = None,
     debug: Debug = False,
 ) -> None:
-    """List the model names `convert` can build, marked by source."""
+    """List the model names that convert can build, marked by source."""
     found = [(s, n) for s, n in list_models(pattern) if source is None or s == source]
     if not found:
         raise UsageError(f"no model name matches {pattern!r}; try a broader pattern such as '{(pattern or '')[:3]}*'")

@@ -7,6 +7,7 @@ are grouped by reason.
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
@@ -24,6 +25,7 @@ from ..export import ExportResult
 from ..recipe import Recipe
 from ..sharing import SharingPlan
 from ..verify import Comparison
+from .fit import Col, fitted_table, natural_width
 
 if TYPE_CHECKING:
     from dynconv import DynamicConv2d
@@ -116,40 +118,53 @@ def render_conversion(
     size: int | None,
     dry_run: bool,
 ) -> None:
-    """The converted-layers table, the skipped-layers table, and the totals."""
+    """The converted-layers table, the skipped-layers table, the recipe rules, and the totals.
+
+    Layer names stay whole at any width (see :mod:`convert.cli.fit`).
+    """
     collapsed = len(result.layers) > COLLAPSE_AT
     kinds = {r.kind for r in result.layers}
     uniform = len(kinds) == 1
-    title = f"Converted layers ({len(result.layers)}{', grouped' if collapsed else ''}"
-    title += f", {next(iter(kinds))})" if uniform else ")"
-    table = Table(title=title, title_justify="left")
-    table.add_column("layer", overflow="fold", min_width=12)
-    table.add_column("kernel")
-    table.add_column("channels")
-    if not uniform:
-        table.add_column("kind")
-    table.add_column("experts", justify="right")
-    table.add_column("params", justify="right")
-    table.add_column("MACs", justify="right")
+    title = f"Converted layers ({len(result.layers)}" + (f", {next(iter(kinds))}" if uniform else "")
+    columns = [Col("layer", whole=True), Col("kernel"), Col("channels")] + ([] if uniform else [Col("kind")])
+    columns += [Col("experts", "right"), Col("params", "right"), Col("MACs", "right")]
+    rows = []
     for row in layer_rows(result.layers):
         macs = human(row.macs_after)
         if row.macs_before and row.macs_after is not None:
             macs += f" (+{100 * (row.macs_after / row.macs_before - 1):.1f}%)"
         cells = [row.name, row.kernel, row.channels] + ([] if uniform else [row.kind])
-        table.add_row(*cells, row.experts, human(row.params), macs)
-    console.print(table)
+        rows.append([*cells, row.experts, human(row.params), macs])
+    experts = {row[-3] for row in rows}
+    if len(experts) == 1 and natural_width(columns, rows) > console.width:  # say it once, in the title
+        at = len(columns) - 3
+        columns, rows = columns[:at] + columns[at + 1 :], [row[:at] + row[at + 1 :] for row in rows]
+        title += f", {next(iter(experts))} experts"
+    title += ", one row per block)" if collapsed else ")"  # a block: the first two parts of the names
+    drop = ("experts", "kernel", "params", "kind")
+    console.print(fitted_table(console, columns, rows, drop=drop, title=title, title_justify="left"))
     if result.skipped:
-        skipped = Table(title=f"Skipped convs ({len(result.skipped)})", title_justify="left")
-        skipped.add_column("reason")
-        skipped.add_column("count", justify="right")
-        skipped.add_column("convs")
         by_reason: OrderedDict[str, list[str]] = OrderedDict()
         for record in result.skipped:
             by_reason.setdefault(record.reason, []).append(record.name)
+        rows = []
         for reason, names in by_reason.items():
             shown = ", ".join(names[:4]) + (f", … ({len(names) - 4} more)" if len(names) > 4 else "")
-            skipped.add_row(reason, str(len(names)), shown)
-        console.print(skipped)
+            rows.append([reason, str(len(names)), shown])
+        columns = [Col("reason"), Col("count", "right"), Col("convs")]
+        title = f"Skipped convs ({len(result.skipped)})"
+        console.print(fitted_table(console, columns, rows, title=title, title_justify="left"))
+        if any(record.default for record in result.skipped):
+            console.print(
+                "To convert a conv the default selection skips (stem, 1x1 input, not run): name it exactly "
+                "with --include NAME, or use a recipe rule with skip: false.",
+                highlight=False,
+                markup=False,
+            )
+    if result.rules:
+        rows = [[str(r.index), r.match, r.action or "—", str(r.convs)] for r in result.rules]
+        columns = [Col("rule", "right"), Col("match", whole=True), Col("does"), Col("convs", "right")]
+        console.print(fitted_table(console, columns, rows, title="Recipe rules", title_justify="left"))
     if result.sharing is not None:
         render_sharing(console, result.sharing)
     totals = result.totals
@@ -164,6 +179,12 @@ def render_conversion(
         f"MACs at {h}x{w}",
         f"{human(totals['macs_before'])} → {human(totals['macs_after'])} ({100 * totals['macs_increase']:+.1f}%)",
     )
+    if result.head is not None:
+        layers = ", ".join(result.head["layers"])
+        summary.add_row(
+            "new head",
+            f"{result.head['num_classes']} classes ({layers}); checked against the original given the same head",
+        )
     if result.sharing is not None:
         summary.add_row("routers", f"{totals['routers']} for {totals['converted']} layers (shared per block)")
     if check is not None:
@@ -181,28 +202,26 @@ def render_conversion(
 
 def render_sharing(console: Console, plan: SharingPlan) -> None:
     """Shared routing: one row per block whose convs share a router, then the convs that do not, by reason."""
-    table = Table(title=f"Shared routing ({len(plan.groups)} blocks, one router each)", title_justify="left")
-    table.add_column("block", overflow="fold")
-    table.add_column("type")
-    table.add_column("convs sharing its router", overflow="fold")
+    rows = []
     for group in plan.groups[:COLLAPSE_AT]:
         prefix = group.block + "."
-        table.add_row(group.block, group.block_type, ", ".join(n.removeprefix(prefix) for n in group.layers))
+        rows.append([group.block, group.block_type, ", ".join(n.removeprefix(prefix) for n in group.layers)])
     if len(plan.groups) > COLLAPSE_AT:
-        table.add_row(f"… {len(plan.groups) - COLLAPSE_AT} more (--json lists all)", "", "")
-    console.print(table)
+        rows.append([f"… {len(plan.groups) - COLLAPSE_AT} more (--json lists all)", "", ""])
+    columns = [Col("block", whole=True), Col("type"), Col("convs sharing its router")]
+    title = f"Shared routing ({len(plan.groups)} blocks, one router each)"
+    console.print(fitted_table(console, columns, rows, title=title, title_justify="left"))
     if plan.unshared:
-        kept = Table(title=f"Own router kept ({len(plan.unshared)})", title_justify="left")
-        kept.add_column("reason", overflow="fold")
-        kept.add_column("count", justify="right")
-        kept.add_column("convs", overflow="fold")
         by_reason: OrderedDict[str, list[str]] = OrderedDict()
         for record in plan.unshared:
             by_reason.setdefault(record.reason, []).append(record.name)
+        rows = []
         for reason, names in by_reason.items():
             shown = ", ".join(names[:4]) + (f", … ({len(names) - 4} more)" if len(names) > 4 else "")
-            kept.add_row(reason, str(len(names)), shown)
-        console.print(kept)
+            rows.append([reason, str(len(names)), shown])
+        columns = [Col("reason"), Col("count", "right"), Col("convs")]
+        title = f"Own router kept ({len(plan.unshared)})"
+        console.print(fitted_table(console, columns, rows, title=title, title_justify="left"))
 
 
 def conversion_json(
@@ -219,6 +238,9 @@ def conversion_json(
         "input_shape": list(result.input_shape),
         "layers": [r.to_dict() for r in result.layers],
         "skipped": [s.to_dict() for s in result.skipped],
+        "head": result.head,
+        "rules": [r.to_dict() for r in result.rules],
+        "warnings": [w.to_dict() for w in result.warnings],
         "totals": result.totals,
         "sharing": None if result.sharing is None else result.sharing.to_dict(),
         "verification": None if check is None else {**check.__dict__, "ok": check.ok},
@@ -268,29 +290,34 @@ def render_checkpoint(
     info.add_row("file size", file_size(size))
     info.add_row("tensors", f"{len(shapes)} ({human(sum(_numel(s) for s in shapes.values()))} values)")
     info.add_row("converted layers", str(len(meta["layers"])))
+    if meta.get("head"):
+        info.add_row("new head", f"{meta['head']['num_classes']} classes ({', '.join(meta['head']['layers'])})")
     if meta.get("sharing"):
         shared = sum(len(g["layers"]) for g in meta["sharing"])
         info.add_row("shared routing", f"{len(meta['sharing'])} blocks, one router each ({shared} layers)")
     info.add_row("written with", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()))
     info.add_row("digest", f"{meta['digest']['algorithm']} {meta['digest']['value'][:16]}…")
     console.print(info)
-    layers = Table(title="Converted layers", title_justify="left")
-    for column in ("layer", "kind", "experts", "weight", "params", "options"):
-        layers.add_column(column)
-    rows = checkpoint_layers(meta, shapes)
-    for row in rows[: COLLAPSE_AT if len(rows) > COLLAPSE_AT else len(rows)]:
+    records = checkpoint_layers(meta, shapes)
+    rows = []
+    for row in records[:COLLAPSE_AT]:
         options = {k: v for k, v in row["options"].items() if k != "experts"}
-        layers.add_row(
-            row["name"],
-            row["kind"],
-            str(row["options"]["experts"]),
-            "x".join(map(str, row["weight_shape"])),
-            human(row["params"]),
-            ", ".join(f"{k}={v}" for k, v in options.items()),
+        rows.append(
+            [
+                row["name"],
+                row["kind"],
+                str(row["options"]["experts"]),
+                "x".join(map(str, row["weight_shape"])),
+                human(row["params"]),
+                ", ".join(f"{k}={v}" for k, v in options.items()),
+            ]
         )
-    if len(rows) > COLLAPSE_AT:
-        layers.add_row(f"… {len(rows) - COLLAPSE_AT} more (--json lists all)", "", "", "", "", "")
-    console.print(layers)
+    columns = [Col("layer", whole=True), Col("kind"), Col("experts", "right"), Col("weight"), Col("params", "right")]
+    columns.append(Col("options"))
+    drop = ("options", "weight", "params")
+    console.print(fitted_table(console, columns, rows, drop=drop, title="Converted layers", title_justify="left"))
+    if len(records) > COLLAPSE_AT:
+        console.print(f"… {len(records) - COLLAPSE_AT} more (--json lists all)", highlight=False, markup=False)
 
 
 def checkpoint_json(path: str, meta: dict[str, Any], shapes: dict[str, list[int]], size: int) -> dict[str, Any]:
@@ -330,9 +357,11 @@ def render_verification(
     verdict = "finite" if bool(torch.isfinite(y).all()) else "NOT FINITE"
     table.add_row(f"forward at {size[0]}x{size[1]}", f"output {tuple(y.shape)}, {verdict}")
     if check is not None:
+        given = " (the original given this checkpoint's new head)" if meta.get("head") else ""
+        verdict = "ok" if check.within_tolerance else "OUT OF TOLERANCE"
         table.add_row(
             "vs original weights",
-            f"max difference {check.max_rel:.2e} relative — {'ok' if check.within_tolerance else 'OUT OF TOLERANCE'}",
+            f"max difference {check.max_rel:.2e} relative — {verdict}{given}",
         )
     console.print(table)
 
@@ -378,33 +407,12 @@ def render_export(console: Console, result: ExportResult) -> None:
     console.print(table)
 
 
-EPOCH_COLUMNS = ("epoch", "train loss", "train acc", "val loss", "val acc", "temperature", "s")
-
-
-def epoch_table(title: str) -> Table:
-    """The per-epoch table ``dynconv finetune`` fills as it trains."""
-    return Table(*EPOCH_COLUMNS, title=title, title_justify="left")
-
-
-def epoch_row(log: EpochLog) -> tuple[str, ...]:
-    """One epoch's cells, in :data:`EPOCH_COLUMNS` order."""
-    temperature = "—" if log.temperature is None else f"{log.temperature:.1f}"
+def epoch_line(log: EpochLog, epochs: int) -> str:
+    """One epoch of ``dynconv finetune`` as a log line, printed once, when the epoch ends."""
+    temperature = "" if log.temperature is None else f", temperature {log.temperature:.1f}"
     return (
-        str(log.epoch),
-        f"{log.train_loss:.4f}",
-        f"{log.train_acc:.3f}",
-        f"{log.val_loss:.4f}",
-        f"{log.val_acc:.3f}",
-        temperature,
-        f"{log.seconds:.1f}",
-    )
-
-
-def epoch_line(row: tuple[str, ...]) -> str:
-    """One epoch as a log line (stderr), for runs whose table is only printed at the end."""
-    return (
-        f"epoch {row[0]}: train loss {row[1]} acc {row[2]}, val loss {row[3]} acc {row[4]}, "
-        f"temperature {row[5]} ({row[6]} s)"
+        f"epoch {log.epoch}/{epochs}: train loss {log.train_loss:.4f} acc {log.train_acc:.3f}, "
+        f"val loss {log.val_loss:.4f} acc {log.val_acc:.3f}{temperature} ({log.seconds:.1f} s)"
     )
 
 
@@ -416,13 +424,20 @@ def recipes_table(recipes: Mapping[str, Recipe]) -> Table:
     return table
 
 
+def plain(text: str) -> str:
+    """``text`` without docstring markup (double or single backquotes, roles, bold), for a terminal."""
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", text)
+    text = re.sub(r"`{1,2}([^`]+)`{1,2}", r"\1", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"\1", text)
+
+
 def kinds_text(layers: Mapping[str, type[DynamicConv2d]], width: int = 78) -> str:
     """``dynconv kinds``: each kind's paper, formula, routing, cost, speed and options, as plain text."""
     blocks = []
     for name, cls in layers.items():
         info = cls.info
         options = ", ".join(f"{o.name}={o.default!r}" for o in cls.option_specs().values()) or "none"
-        lines = [f"{name}  {info.title}  (dynconv.{cls.__name__})"]
+        lines = [f"{name}  {plain(info.title)}  (dynconv.{cls.__name__})"]
         for label, text in (
             ("kernel", info.formula),
             ("routing", info.routing),
@@ -431,7 +446,11 @@ def kinds_text(layers: Mapping[str, type[DynamicConv2d]], width: int = 78) -> st
             ("options", options),
         ):
             lines += textwrap.wrap(
-                text, width, initial_indent=f"  {label + ':':<12}", subsequent_indent=" " * 14, break_on_hyphens=False
+                plain(text),
+                width,
+                initial_indent=f"  {label + ':':<12}",
+                subsequent_indent=" " * 14,
+                break_on_hyphens=False,
             )
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

@@ -11,6 +11,7 @@ import typer
 
 from ..checkpoint import load_checkpoint, read_metadata
 from ..errors import WorkFailedError
+from ..heads import copy_head, replace_head
 from ..models import ModelSource, build_model
 from ..verify import compare, output
 from ..weights import load_weights
@@ -22,7 +23,9 @@ from .common import Debug, Json, UsageError, command, out, tolerance_error
 def verify_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="a dynconv .safetensors checkpoint")],
     weights: Annotated[Path | None, typer.Option(help="original weights: also compare with the original model")] = None,
-    model: Annotated[str | None, typer.Option(help="package.module:factory for a custom base model")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="base model of a checkpoint converted from custom code: package.module:factory")
+    ] = None,
     input_size: Annotated[int | None, typer.Option(help="image size (default: the recorded probe size)")] = None,
     as_json: Json = False,
     debug: Debug = False,
@@ -42,6 +45,9 @@ def verify_cmd(
     if weights is not None:
         original = base if base is not None else ModelSource.from_dict(meta["base"]).build()
         load_weights(original, weights)
+        if meta.get("head"):  # a new head is not the original's: both get the checkpoint's, the features are compared
+            replace_head(original, int(meta["head"]["num_classes"]))
+            copy_head(original, loaded, meta["head"]["layers"])
         check = compare(original.eval(), loaded, x)
     report = render.verification_json(checkpoint, y, check)
     if as_json:
