@@ -268,7 +268,7 @@ def _decide(
     if is_already_dynamic(site.module):
         return f"already a dynamic conv ({type(site.module).__name__})", {}
     try:
-        conversion_options(site.module)
+        extra = conversion_options(site.module)
     except UnsupportedConvError as exc:
         return str(exc), {}
     included = any(name_matches(p, n) for p in include for n in site.names)
@@ -280,6 +280,9 @@ def _decide(
     options, skip_rule, unskipped = spec.resolve(site, overrides)
     if skip_rule is not None:
         return f"skipped by recipe rule {skip_rule}", options
+    refusal = LAYERS[options["kind"]].unsupported(extra)
+    if refusal is not None:
+        return refusal, options
     if not (included or unskipped):
         soft = _soft_skip_reason(site)
         if soft is not None:

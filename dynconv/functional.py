@@ -58,12 +58,28 @@ def select_strategy(
     weight: Tensor,
     geom: ConvGeometry,
     needs_grad: bool,
+    modulated: bool = False,
 ) -> str:
     """The strategy the core would run for this call (honours :func:`strategy_scope`)."""
     batch, c_in, height, width = input.shape
     out_hw = geom.output_size(height, width)
     kernel_bytes = weight[0].numel() * weight.element_size()
-    return strategies.choose(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, weight.shape[0])
+    return strategies.choose(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, weight.shape[0], modulated)
+
+
+def _check_modulation(modulation: tuple[Tensor, ...], input: Tensor, weight: Tensor, groups: int) -> None:
+    """Each factor is 5-D, per sample, and broadcasts to one sample's kernel."""
+    kernel = (weight.shape[1], weight.shape[2], weight.shape[3], weight.shape[4])
+    for i, factor in enumerate(modulation):
+        if factor.dim() != 5 or factor.shape[0] != input.shape[0]:
+            raise ValueError(
+                f"modulation factor {i} must be [B, C_out|1, C_in/groups|1, kH|1, kW|1] with B={input.shape[0]}, "
+                f"got shape {tuple(factor.shape)}"
+            )
+        if any(f not in (1, k) for f, k in zip(factor.shape[1:], kernel, strict=True)):
+            raise ValueError(
+                f"modulation factor {i} of shape {tuple(factor.shape)} does not broadcast to the kernel {kernel}"
+            )
 
 
 def dynamic_conv2d(
@@ -77,31 +93,41 @@ def dynamic_conv2d(
     groups: int = 1,
     *,
     strategy: str | None = None,
+    modulation: tuple[Tensor, ...] | list[Tensor] | None = None,
 ) -> Tensor:
     """Convolve each sample with its own kernel ``sum_k routing[b, k] * weight[k]``.
 
     Equal (to float tolerance, values and gradients) to the per-sample loop
     ``y[b] = F.conv2d(x[b:b+1], sum_k r[b,k] W[k], sum_k r[b,k] bias[k], ...)``;
     per-output-channel routing ``[B, K, C_out]`` mixes each output channel on its own.
-    ``strategy`` forces one of :data:`STRATEGIES` (``None`` picks by shape); a
+    ``modulation`` (optional) is a sequence of per-sample factors, each broadcastable
+    to ``[B, C_out, C_in/groups, kH, kW]``, multiplied into every sample's mixed kernel
+    (not into the bias): routing that varies over input channels or kernel taps, as
+    ODConv's. ``strategy`` forces one of :data:`STRATEGIES` (``None`` picks by shape); a
     channels_last input gives a channels_last output.
     """
     _check_shapes(input, weight, routing, bias, groups)
     _check_dtypes(input, weight)
+    modulation = tuple(modulation or ())
+    _check_modulation(modulation, input, weight, groups)
     geom = ConvGeometry.build(tuple(weight.shape[3:]), stride, padding, dilation, groups)
     geom.output_size(input.shape[2], input.shape[3])  # raises on inputs smaller than the kernel
-    tensors = (input, weight, routing) if bias is None else (input, weight, routing, bias)
+    tensors = (input, weight, routing, *modulation) if bias is None else (input, weight, routing, bias, *modulation)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    modulated = bool(modulation)
     if strategy is None:
-        strategy = select_strategy(input, weight, geom, needs_grad)
+        strategy = select_strategy(input, weight, geom, needs_grad, modulated)
     elif strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
-    elif not applicable(strategy, input.shape[0], geom):
-        raise ValueError(f"strategy {strategy!r} cannot compute a {geom.kernel} conv at batch {input.shape[0]}")
+    elif not applicable(strategy, input.shape[0], geom, modulated):
+        what = "a modulated " if modulated else "a "
+        raise ValueError(f"strategy {strategy!r} cannot compute {what}{geom.kernel} conv at batch {input.shape[0]}")
     strategies.note_strategy(strategy)
     if not torch.is_autocast_enabled(input.device.type):
         routing = routing.to(weight.dtype)
-    out = STRATEGIES[strategy](input, weight, routing, bias, geom)
+        modulation = tuple(m.to(weight.dtype) for m in modulation)
+    fn = STRATEGIES[strategy]
+    out = fn(input, weight, routing, bias, geom, modulation) if modulated else fn(input, weight, routing, bias, geom)
     if strategies.is_channels_last(input):
         return out.contiguous(memory_format=torch.channels_last)
     return out.contiguous()

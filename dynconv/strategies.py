@@ -13,6 +13,11 @@ memory and exportability, which is why the core picks one per call:
 - ``output``:  one static conv with all ``K * C_out`` filters, then the outputs mixed;
                ``K`` times the MACs but no per-sample kernels, and exportable.
 
+A call may also carry a ``modulation``: per-sample factors, each broadcastable to
+``[B, C_out, C_in/g, kH, kW]``, multiplied into every sample's mixed kernel (ODConv's
+attentions over output channels, input channels and kernel taps). Every strategy that
+forms per-sample kernels takes it; ``output`` mixes outputs, not kernels, so it cannot.
+
 Inputs reach a strategy validated: ``x`` is ``[B, C_in, H, W]``, ``weight`` is
 ``[K, C_out, C_in // groups, kH, kW]``, ``routing`` is ``[B, K]`` or
 ``[B, K, C_out]`` in the weight's dtype, ``bias`` is ``None`` or ``[K, C_out]``.
@@ -30,12 +35,22 @@ from torch import Tensor
 
 from .geometry import ConvGeometry
 
-StrategyFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", ConvGeometry], Tensor]
+StrategyFn = Callable[..., Tensor]
+Modulation = tuple[Tensor, ...]
 
 
-def mix_kernels(weight: Tensor, routing: Tensor) -> Tensor:
-    """Per-sample kernels ``[B, C_out, C_in/g, kH, kW]`` from ``K`` experts."""
+def mix_kernels(weight: Tensor, routing: Tensor, modulation: Modulation = ()) -> Tensor:
+    """Per-sample kernels ``[B, C_out, C_in/g, kH, kW]`` from ``K`` experts, times any ``modulation``.
+
+    With one expert the routing is just one more per-sample factor: the kernel is
+    scaled once (no matrix product, no copy before the scaling).
+    """
     k, c_out = weight.shape[:2]
+    if k == 1:
+        factor = routing.reshape(-1, 1, 1, 1, 1) if routing.dim() == 2 else routing.reshape(-1, c_out, 1, 1, 1)
+        for extra in modulation:
+            factor = factor * extra
+        return weight * factor
     if routing.dim() == 2:
         mixed = routing @ weight.reshape(k, -1)
     else:  # per output channel: K multiply-adds give a contiguous result (einsum's is o-major, 4x slower to convolve)
@@ -43,7 +58,13 @@ def mix_kernels(weight: Tensor, routing: Tensor) -> Tensor:
         mixed = routing[:, 0, :, None] * experts[0]
         for i in range(1, k):
             mixed.addcmul_(routing[:, i, :, None], experts[i])
-    return mixed.reshape(-1, *weight.shape[1:])  # -1: an exported graph keeps the batch dynamic
+    mixed = mixed.reshape(-1, *weight.shape[1:])  # -1: an exported graph keeps the batch dynamic
+    if modulation:
+        scale = modulation[0]
+        for extra in modulation[1:]:  # small factors first: one full-size product at most
+            scale = scale * extra
+        mixed = mixed * scale
+    return mixed
 
 
 def mix_bias(bias: Tensor | None, routing: Tensor) -> Tensor | None:
@@ -71,16 +92,20 @@ def _conv(x: Tensor, w: Tensor, b: Tensor | None, geom: ConvGeometry, groups: in
     return F.conv2d(_pad(x, geom), w, b, geom.stride, 0, geom.dilation, groups)
 
 
-def single(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+def single(
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, modulation: Modulation = ()
+) -> Tensor:
     """Batch of one: mix the kernel once and run one ordinary convolution."""
     mixed_b = mix_bias(bias, routing)  # reshape, not [0]: an exported graph then has no Gather
-    kernel = mix_kernels(weight, routing).reshape(weight.shape[1:])
+    kernel = mix_kernels(weight, routing, modulation).reshape(weight.shape[1:])
     return _conv(x, kernel, None if mixed_b is None else mixed_b.reshape(-1), geom, geom.groups)
 
 
-def loop(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+def loop(
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, modulation: Modulation = ()
+) -> Tensor:
     """One convolution per sample: the reference-shaped strategy, moderate on small maps."""
-    kernels = mix_kernels(weight, routing)
+    kernels = mix_kernels(weight, routing, modulation)
     biases = mix_bias(bias, routing)
     outs = [
         _conv(x[b : b + 1], kernels[b], None if biases is None else biases[b], geom, geom.groups)
@@ -104,7 +129,9 @@ FOLD_MAX_CHUNK = 8
 FOLD_MAX_CHUNK_GRAD = 16
 
 
-def grouped(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+def grouped(
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, modulation: Modulation = ()
+) -> Tensor:
     """Fold chunks of the batch into the groups of one convolution (``groups = chunk * groups``)."""
     batch, c_in, height, width = x.shape
     c_out = weight.shape[1]
@@ -114,7 +141,7 @@ def grouped(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geo
     for start in range(0, batch, chunk):
         r = routing[start : start + chunk]
         n = r.shape[0]
-        kernels = mix_kernels(weight, r)
+        kernels = mix_kernels(weight, r, tuple(m[start : start + n] for m in modulation))
         biases = mix_bias(bias, r)
         out = _conv(
             x[start : start + n].reshape(1, n * c_in, height, width),
@@ -127,7 +154,9 @@ def grouped(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geo
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
-def matmul(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+def matmul(
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, modulation: Modulation = ()
+) -> Tensor:
     """1x1 kernels as batched matrix products; channels_last inputs stay channels_last."""
     if not geom.pointwise:
         raise ValueError(f"strategy 'matmul' needs a 1x1 kernel, got {geom.kernel}")
@@ -135,7 +164,7 @@ def matmul(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
     if geom.stride != (1, 1):
         x = x[:, :, :: geom.stride[0], :: geom.stride[1]]
     batch, c_in, height, width = x.shape
-    kernels = mix_kernels(weight, routing).flatten(2)  # [B, C_out, C_in/g]
+    kernels = mix_kernels(weight, routing, modulation).flatten(2)  # [B, C_out, C_in/g]
     c_out = kernels.shape[1]
     biases = mix_bias(bias, routing)
     g = geom.groups
@@ -153,13 +182,15 @@ def matmul(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
     return add_bias(out.reshape(batch, c_out, height, width), biases)
 
 
-def unfold(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+def unfold(
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, modulation: Modulation = ()
+) -> Tensor:
     """im2col (``F.unfold``) then a batched matrix product with the per-sample kernels."""
     x = _pad(x, geom)
     batch = x.shape[0]
     h_out, w_out = _unpadded_out(x, geom)
     cols = F.unfold(x, geom.kernel, dilation=geom.dilation, stride=geom.stride)  # [B, C_in*kk, L]
-    kernels = mix_kernels(weight, routing).flatten(2)  # [B, C_out, C_in/g*kk]
+    kernels = mix_kernels(weight, routing, modulation).flatten(2)  # [B, C_out, C_in/g*kk]
     c_out = kernels.shape[1]
     biases = mix_bias(bias, routing)
     g = geom.groups
@@ -227,8 +258,13 @@ def serves_any_batch(batch: int | torch.SymInt) -> bool:
     return torch.compiler.is_compiling() and batch != 1
 
 
-def applicable(name: str, batch: int, geom: ConvGeometry) -> bool:
-    """Whether strategy ``name`` can compute this call at all (for a symbolic batch: for every batch)."""
+def applicable(name: str, batch: int, geom: ConvGeometry, modulated: bool = False) -> bool:
+    """Whether strategy ``name`` can compute this call at all (for a symbolic batch: for every batch).
+
+    A ``modulated`` call (per-sample factors on the kernel) needs per-sample kernels: not ``output``.
+    """
+    if modulated and name == "output":
+        return False
     if is_symbolic(batch):
         return name in EXPORTABLE_STRATEGIES and (name != "matmul" or geom.pointwise)
     if name == "single":
@@ -304,11 +340,13 @@ def preference(
     pixels = out_hw[0] * out_hw[1]
     per_group_in = c_in // geom.groups
     if serves_any_batch(batch):  # one graph for every batch: no branch on its value, nothing folded into groups
-        return batch_agnostic_preference(pixels, per_group_in, geom, kernel_bytes)
+        return batch_agnostic_preference(pixels, per_group_in, geom, kernel_bytes, experts)
     if geom.pointwise and per_group_in > 1:
         return ("matmul", "single", "grouped", "unfold", "loop", "output")
     if batch == 1:
         return ("single", "grouped", "loop", "unfold", "output")
+    if experts == 1:  # output mixing of one expert is the static conv and one scaling pass
+        return ("output", "grouped", "unfold", "loop")
     if per_group_in == 1:
         return ("grouped", "loop", "output", "unfold")
     small = pixels * experts <= SMALL_MAP_PIXELS * 4  # K=4: maps up to 8x8
@@ -328,16 +366,18 @@ SMALL_MAP_PIXELS = 8 * 8
 OUTPUT_MIN_KERNEL_BYTES = 4 * 2**20
 
 
-def batch_agnostic_preference(pixels: int, per_group_in: int, geom: ConvGeometry, kernel_bytes: int) -> tuple[str, ...]:
+def batch_agnostic_preference(
+    pixels: int, per_group_in: int, geom: ConvGeometry, kernel_bytes: int, experts: int = 4
+) -> tuple[str, ...]:
     """The order for a graph that must serve any batch size (export or compile with a dynamic batch).
 
-    1x1 kernels stay a batched matmul; depthwise kernels and big kernels on small maps
-    mix outputs (K times the MACs of a cheap conv, no per-sample kernel written);
-    the rest is im2col + batched matmul.
+    1x1 kernels stay a batched matmul; depthwise kernels, big kernels on small maps and
+    single-expert calls mix outputs (K times the MACs of a cheap conv, no per-sample
+    kernel written); the rest is im2col + batched matmul.
     """
     if geom.pointwise and per_group_in > 1:
         return ("matmul", "unfold", "output")
-    if per_group_in == 1 or (pixels <= SMALL_MAP_PIXELS and kernel_bytes >= OUTPUT_MIN_KERNEL_BYTES):
+    if experts == 1 or per_group_in == 1 or (pixels <= SMALL_MAP_PIXELS and kernel_bytes >= OUTPUT_MIN_KERNEL_BYTES):
         return ("output", "unfold")
     return ("unfold", "output")
 
@@ -350,14 +390,15 @@ def choose(
     needs_grad: bool,
     kernel_bytes: int = 0,
     experts: int = 4,
+    modulated: bool = False,
 ) -> str:
     """The strategy to run: the first preferred one the active scope allows."""
     allowed = allowed_strategies()
     for name in preference(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, experts):
-        if (allowed is None or name in allowed) and applicable(name, batch, geom):
+        if (allowed is None or name in allowed) and applicable(name, batch, geom, modulated):
             return name
     if allowed is not None:
         for name in allowed:
-            if applicable(name, batch, geom):
+            if applicable(name, batch, geom, modulated):
                 return name
     raise ValueError(f"no strategy in {allowed!r} can compute a {geom.kernel} conv at batch {batch}")

@@ -1,0 +1,198 @@
+"""ODConv, omni-dimensional dynamic convolution (Li, Zhou, Yao, ICLR 2022): attention over four dimensions.
+
+``W(x) = sum_i a_w,i(x) * a_f(x) (.) a_c(x) (.) a_s(x) (.) W_i``: a kernel attention over the
+``n`` experts (softmax), an output-channel attention (sigmoid), an input-channel
+attention (sigmoid) and a spatial attention over the kernel taps (sigmoid), all from
+one small router. The attentions over output channels, input channels and taps are
+per-sample factors of the kernel that the shared core multiplies into each sample's
+kernel (its ``modulation``), so every strategy the core has (except output mixing)
+computes it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from ..experts import DEFAULT_NOISE
+from ..functional import dynamic_conv2d
+from ..geometry import Padding
+from ..routing import Router, global_pool
+from ..standardization import WeightStandardization
+from .base import DynamicConv2d
+from .spec import Bounds, KindInfo
+
+torch.fx.wrap("dynamic_conv2d")  # a leaf call for torch.fx: the core branches on shapes
+
+
+class OmniRouter(Router):
+    """GAP -> linear -> ReLU -> up to four heads, each divided by the temperature; no BatchNorm.
+
+    Heads: ``channel`` (``C_in``, sigmoid) always; ``filter`` (``C_out``, sigmoid) unless
+    the conv is depthwise; ``spatial`` (``kH * kW``, sigmoid) unless the kernel is 1x1;
+    ``kernel`` (``n``, softmax) unless there is one expert. Zeroed heads give 1/2 per
+    sigmoid and 1/n per expert for every input, so :meth:`uniform_total` is
+    ``2 ** -(number of sigmoid heads)``: the experts are scaled by its inverse.
+    """
+
+    sums_to_one = True  # the kernel attention (the only routing that mixes experts and bias) is a softmax
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        taps: int,
+        experts: int,
+        depthwise: bool,
+        hidden: int,
+        temperature: float,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.fc = nn.Linear(in_channels, hidden)
+        self.channel = nn.Linear(hidden, in_channels)
+        self.filter = None if depthwise else nn.Linear(hidden, out_channels)
+        self.spatial = None if taps == 1 else nn.Linear(hidden, taps)
+        self.kernel = None if experts == 1 else nn.Linear(hidden, experts)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def heads(self) -> list[nn.Linear]:
+        """The heads present, in the order ``channel, filter, spatial, kernel``."""
+        return [h for h in (self.channel, self.filter, self.spatial, self.kernel) if h is not None]
+
+    def sigmoid_heads(self) -> int:
+        """How many sigmoid attentions scale the kernel (each gives 1/2 when zeroed)."""
+        return sum(h is not None for h in (self.channel, self.filter, self.spatial))
+
+    def uniform_total(self) -> float:
+        return 0.5 ** self.sigmoid_heads()
+
+    def zero_(self) -> OmniRouter:
+        """Zero every head; ``fc`` keeps random features so the heads get gradients at once."""
+        for head in self.heads():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        return self
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """``(kernel [B, n], filter [B, C_out] or None, channel [B, C_in], spatial [B, kH*kW] or None)``."""
+        hidden = F.relu(self.fc(global_pool(x)))
+        t = self.temperature.to(hidden.dtype)
+        channel = torch.sigmoid(self.channel(hidden) / t)
+        filt = None if self.filter is None else torch.sigmoid(self.filter(hidden) / t)
+        spatial = None if self.spatial is None else torch.sigmoid(self.spatial(hidden) / t)
+        if self.kernel is None:
+            kernel = torch.ones_like(channel[:, :1])
+        else:
+            kernel = torch.softmax(self.kernel(hidden) / t, dim=1)
+        return kernel, filt, channel, spatial
+
+
+class ODConv2d(DynamicConv2d):
+    """``W(x) = sum_i a_w,i * a_f (.) a_c (.) a_s (.) W_i`` (ODConv); ``experts`` is ``n`` (1: "ODConv 1x").
+
+    Router options: ``reduction`` (16) and ``min_hidden`` (16) give the hidden width
+    ``max(C_in / reduction, min_hidden)``; ``temperature`` (1, the reference's; divides
+    every head's logits, annealed like DyConv's by ``dynconv finetune``).
+
+    Exact at conversion: the heads start at zero, so every sigmoid attention is 1/2 and
+    the kernel attention 1/n for every input. The experts therefore start as
+    ``2**m * (W + eps_i)`` with zero-sum ``eps_i`` and ``m`` the number of sigmoid heads:
+    3 (``8 * (W + eps_i)``) for a dense k x k conv, 2 for a 1x1 conv or a depthwise one, 1
+    for a depthwise 1x1. Copying a trained ``W`` into the reference implementation
+    without that factor gives ``1/2**m`` of the output. The bias is not attended: it is
+    mixed by the kernel attention only, so it starts as the conv's bias, unscaled.
+    """
+
+    kind = "odconv"
+    info = KindInfo(
+        title="ODConv: omni-dimensional dynamic convolution (Li, Zhou, Yao, ICLR 2022)",
+        formula="W(x) = sum_i a_w,i(x) a_f(x) a_c(x) a_s(x) W_i: kernel (softmax over n), output-channel, "
+        "input-channel and spatial (k x k taps) attentions",
+        routing="global average pool -> linear (C_in -> max(C_in/16, 16)) -> ReLU -> heads / temperature: "
+        "sigmoid over C_in, C_out (not depthwise), k x k taps (not 1x1); softmax over the n experts "
+        "(n > 1); no BatchNorm",
+        parameters="n x the conv's kernel, plus C_in x h + h x (C_in + C_out + k^2 + n) for the attention "
+        "(h = max(C_in/16, 16))",
+        speed="one per-sample kernel (the attentions are scales of it): static conv cost at batch 1 and for "
+        "1x1 convs (batched matmul); k x k convs at larger batches fold the batch into conv groups",
+    )
+
+    def __init__(self, *args: Any, standardize: WeightStandardization | None = None, **kwargs: Any) -> None:
+        if standardize is not None:
+            raise ValueError(self.unsupported({"standardize": standardize}))
+        super().__init__(*args, **kwargs)
+
+    @classmethod
+    def unsupported(cls, options: dict[str, Any]) -> str | None:
+        """ODConv cannot keep a weight standardisation: its attentions rescale the kernel inside it."""
+        if options.get("standardize") is not None:
+            return (
+                "odconv cannot keep this conv's weight standardisation (timm StdConv2d), whose per-sample "
+                "renormalisation would undo the attentions; use another kind for it"
+            )
+        return None
+
+    def _build_router(
+        self,
+        reduction: Annotated[int, Bounds(ge=1)] = 16,
+        min_hidden: Annotated[int, Bounds(ge=1)] = 16,
+        temperature: Annotated[float, Bounds(gt=0)] = 1.0,
+    ) -> OmniRouter:
+        depthwise = self.groups == self.in_channels == self.out_channels
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        hidden = max(self.in_channels // reduction, min_hidden)
+        return OmniRouter(self.in_channels, self.out_channels, taps, self.experts, depthwise, hidden, temperature)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        experts: int = 4,
+        *,
+        noise: float = DEFAULT_NOISE,
+        seed: int = 0,
+        padding: Padding | None = None,
+        standardize: WeightStandardization | None = None,
+        **router_options: Any,
+    ) -> ODConv2d:
+        """An ODConv layer computing exactly what ``conv`` computes (see the class docstring for the scale)."""
+        layer = super().from_conv(
+            conv, experts, noise=noise, seed=seed, padding=padding, standardize=standardize, **router_options
+        )
+        if conv.bias is not None:  # the base scaled it with the kernel; the attentions do not touch it
+            with torch.no_grad():
+                layer.bias.copy_(conv.bias.detach().to(layer.bias.dtype).expand_as(layer.bias))
+        return layer  # type: ignore[return-value]
+
+    def modulation(self, filt: Tensor | None, channel: Tensor, spatial: Tensor | None) -> tuple[Tensor, ...]:
+        """The attentions as per-sample kernel factors for the core: (output x input channels, taps)."""
+        c_out, groups = self.out_channels, self.groups
+        per_group = self.in_channels // groups
+        if groups == 1:
+            factor = channel.reshape(-1, 1, per_group, 1, 1)
+        else:  # output o of group g reads input channels g * C_in/g ...: expand over the group's outputs
+            factor = channel.reshape(-1, groups, 1, per_group).expand(-1, -1, c_out // groups, -1)
+            factor = factor.reshape(-1, c_out, per_group, 1, 1)
+        if filt is not None:
+            factor = factor * filt.reshape(-1, c_out, 1, 1, 1)
+        if spatial is None:
+            return (factor,)
+        return (factor, spatial.reshape(-1, 1, 1, *self.kernel_size))
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel, filt, channel, spatial = self.router(x)
+        if self.capture_routing:
+            parts = [kernel, channel] + [a for a in (filt, spatial) if a is not None]
+            self.last_routing = torch.cat(parts, dim=1).detach()
+        factors = self.modulation(filt, channel, spatial)
+        x, padding = self._pad_input(x)
+        conv_args = (self.stride, padding, self.dilation, self.groups)
+        out = dynamic_conv2d(x, self.weight, kernel, self.bias, *conv_args, strategy=self.strategy, modulation=factors)
+        if self.static_bias is not None:
+            out = out + self.static_bias.to(out.dtype)[:, None, None]
+        return out
