@@ -221,7 +221,8 @@ def output(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
         r = routing.reshape(batch, 1, k, 1, 1, 1)
     else:
         r = routing.reshape(batch, k, g, c_out // g).transpose(1, 2).unsqueeze(-1).unsqueeze(-1)
-    out = (y * r.to(y.dtype)).sum(2).flatten(1, 2)
+    weighted = y * r.to(y.dtype)
+    out = (weighted.squeeze(2) if k == 1 else weighted.sum(2)).flatten(1, 2)  # one expert: nothing to sum
     return add_bias(out, mix_bias(bias, routing))
 
 

@@ -118,7 +118,7 @@ def standardized_kernel(weight: Tensor, standardize: WeightStandardization, gain
     ``StdConv2d`` (biased variance)."""
     flat = weight.reshape(weight.shape[1], -1)
     mean = flat.mean(1, keepdim=True)
-    var = flat.var(1, unbiased=False, keepdim=True)
+    var = flat.var(1, correction=0, keepdim=True)
     out = (flat - mean) * torch.rsqrt(var + standardize.eps) * standardize.scale
     if gain is not None:
         out = out * gain.reshape(-1, 1)
