@@ -67,7 +67,7 @@ def select_strategy(
     return strategies.choose(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, weight.shape[0], modulated)
 
 
-def _check_modulation(modulation: tuple[Tensor, ...], input: Tensor, weight: Tensor, groups: int) -> None:
+def _check_modulation(modulation: tuple[Tensor, ...], input: Tensor, weight: Tensor) -> None:
     """Each factor is 5-D, per sample, and broadcasts to one sample's kernel."""
     kernel = (weight.shape[1], weight.shape[2], weight.shape[3], weight.shape[4])
     for i, factor in enumerate(modulation):
@@ -109,7 +109,7 @@ def dynamic_conv2d(
     _check_shapes(input, weight, routing, bias, groups)
     _check_dtypes(input, weight)
     modulation = tuple(modulation or ())
-    _check_modulation(modulation, input, weight, groups)
+    _check_modulation(modulation, input, weight)
     geom = ConvGeometry.build(tuple(weight.shape[3:]), stride, padding, dilation, groups)
     geom.output_size(input.shape[2], input.shape[3])  # raises on inputs smaller than the kernel
     tensors = (input, weight, routing, *modulation) if bias is None else (input, weight, routing, bias, *modulation)
