@@ -12,7 +12,7 @@ from torch import Tensor
 
 from . import strategies
 from .geometry import ConvGeometry, IntPair, Padding
-from .strategies import EXPORTABLE_STRATEGIES, STRATEGIES, applicable, strategy_scope
+from .strategies import EXPORTABLE_STRATEGIES, STRATEGIES, KernelTerms, applicable, strategy_scope
 
 __all__ = ["EXPORTABLE_STRATEGIES", "STRATEGIES", "dynamic_conv2d", "select_strategy", "strategy_scope"]
 
@@ -94,6 +94,7 @@ def dynamic_conv2d(
     *,
     strategy: str | None = None,
     modulation: tuple[Tensor, ...] | list[Tensor] | None = None,
+    offset: Tensor | None = None,
 ) -> Tensor:
     """Convolve each sample with its own kernel ``sum_k routing[b, k] * weight[k]``.
 
@@ -103,18 +104,26 @@ def dynamic_conv2d(
     ``modulation`` (optional) is a sequence of per-sample factors, each broadcastable
     to ``[B, C_out, C_in/groups, kH, kW]``, multiplied into every sample's mixed kernel
     (not into the bias): routing that varies over input channels or kernel taps, as
-    ODConv's. ``strategy`` forces one of :data:`STRATEGIES` (``None`` picks by shape); a
-    channels_last input gives a channels_last output.
+    ODConv's. ``offset`` (optional, ``[B, C_out, C_in/groups, kH, kW]``) is added to each
+    sample's kernel after that: DCD's low-rank term on 1x1 convs. ``strategy`` forces one
+    of :data:`STRATEGIES` (``None`` picks by shape); a channels_last input gives a
+    channels_last output.
     """
     _check_shapes(input, weight, routing, bias, groups)
     _check_dtypes(input, weight)
     modulation = tuple(modulation or ())
     _check_modulation(modulation, input, weight)
+    if offset is not None and tuple(offset.shape) != (input.shape[0], *weight.shape[1:]):
+        raise ValueError(
+            f"offset must be [B, C_out, C_in/groups, kH, kW] = {[input.shape[0], *weight.shape[1:]]}, "
+            f"got shape {tuple(offset.shape)}"
+        )
     geom = ConvGeometry.build(tuple(weight.shape[3:]), stride, padding, dilation, groups)
     geom.output_size(input.shape[2], input.shape[3])  # raises on inputs smaller than the kernel
-    tensors = (input, weight, routing, *modulation) if bias is None else (input, weight, routing, bias, *modulation)
+    terms = KernelTerms(modulation, offset)
+    tensors = [t for t in (input, weight, routing, bias, offset, *modulation) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-    modulated = bool(modulation)
+    modulated = bool(terms)
     if strategy is None:
         strategy = select_strategy(input, weight, geom, needs_grad, modulated)
     elif strategy not in STRATEGIES:
@@ -125,9 +134,11 @@ def dynamic_conv2d(
     strategies.note_strategy(strategy)
     if not torch.is_autocast_enabled(input.device.type):
         routing = routing.to(weight.dtype)
-        modulation = tuple(m.to(weight.dtype) for m in modulation)
+        terms = KernelTerms(
+            tuple(m.to(weight.dtype) for m in modulation), None if offset is None else offset.to(weight.dtype)
+        )
     fn = STRATEGIES[strategy]
-    out = fn(input, weight, routing, bias, geom, modulation) if modulated else fn(input, weight, routing, bias, geom)
+    out = fn(input, weight, routing, bias, geom, terms) if modulated else fn(input, weight, routing, bias, geom)
     if strategies.is_channels_last(input):
         return out.contiguous(memory_format=torch.channels_last)
     return out.contiguous()

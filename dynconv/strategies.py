@@ -13,10 +13,11 @@ memory and exportability, which is why the core picks one per call:
 - ``output``:  one static conv with all ``K * C_out`` filters, then the outputs mixed;
                ``K`` times the MACs but no per-sample kernels, and exportable.
 
-A call may also carry a ``modulation``: per-sample factors, each broadcastable to
+A call may also carry :class:`KernelTerms`: per-sample factors, each broadcastable to
 ``[B, C_out, C_in/g, kH, kW]``, multiplied into every sample's mixed kernel (ODConv's
-attentions over output channels, input channels and kernel taps). Every strategy that
-forms per-sample kernels takes it; ``output`` mixes outputs, not kernels, so it cannot.
+attentions over output channels, input channels and kernel taps), and a per-sample
+kernel added after them (DCD's low-rank term on 1x1 convs). Every strategy that forms
+per-sample kernels takes them; ``output`` mixes outputs, not kernels, so it cannot.
 
 Inputs reach a strategy validated: ``x`` is ``[B, C_in, H, W]``, ``weight`` is
 ``[K, C_out, C_in // groups, kH, kW]``, ``routing`` is ``[B, K]`` or
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,11 +38,33 @@ from torch import Tensor
 from .geometry import ConvGeometry
 
 StrategyFn = Callable[..., Tensor]
-Modulation = tuple[Tensor, ...]
 
 
-def mix_kernels(weight: Tensor, routing: Tensor, modulation: Modulation = ()) -> Tensor:
-    """Per-sample kernels ``[B, C_out, C_in/g, kH, kW]`` from ``K`` experts, times any ``modulation``.
+@dataclass(frozen=True)
+class KernelTerms:
+    """What turns each sample's mixed kernel into its final kernel: ``mixed * prod(factors) + offset``.
+
+    ``factors`` are per-sample ``[B, ...]`` tensors broadcastable to ``[B, C_out, C_in/g, kH, kW]``;
+    ``offset`` is ``[B, C_out, C_in/g, kH, kW]`` or ``None``.
+    """
+
+    factors: tuple[Tensor, ...] = ()
+    offset: Tensor | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.factors) or self.offset is not None
+
+    def rows(self, start: int, stop: int) -> KernelTerms:
+        """The terms of samples ``start:stop``."""
+        offset = None if self.offset is None else self.offset[start:stop]
+        return KernelTerms(tuple(f[start:stop] for f in self.factors), offset)
+
+
+NO_TERMS = KernelTerms()
+
+
+def mix_kernels(weight: Tensor, routing: Tensor, terms: KernelTerms = NO_TERMS) -> Tensor:
+    """Per-sample kernels ``[B, C_out, C_in/g, kH, kW]`` from ``K`` experts, then the ``terms``.
 
     With one expert the routing is just one more per-sample factor: the kernel is
     scaled once (no matrix product, no copy before the scaling).
@@ -48,9 +72,10 @@ def mix_kernels(weight: Tensor, routing: Tensor, modulation: Modulation = ()) ->
     k, c_out = weight.shape[:2]
     if k == 1:
         factor = routing.reshape(-1, 1, 1, 1, 1) if routing.dim() == 2 else routing.reshape(-1, c_out, 1, 1, 1)
-        for extra in modulation:
+        for extra in terms.factors:
             factor = factor * extra
-        return weight * factor
+        mixed = weight * factor
+        return mixed if terms.offset is None else mixed + terms.offset
     if routing.dim() == 2:
         mixed = routing @ weight.reshape(k, -1)
     else:  # per output channel: K multiply-adds give a contiguous result (einsum's is o-major, 4x slower to convolve)
@@ -59,12 +84,12 @@ def mix_kernels(weight: Tensor, routing: Tensor, modulation: Modulation = ()) ->
         for i in range(1, k):
             mixed.addcmul_(routing[:, i, :, None], experts[i])
     mixed = mixed.reshape(-1, *weight.shape[1:])  # -1: an exported graph keeps the batch dynamic
-    if modulation:
-        scale = modulation[0]
-        for extra in modulation[1:]:  # small factors first: one full-size product at most
+    if terms.factors:
+        scale = terms.factors[0]
+        for extra in terms.factors[1:]:  # small factors first: one full-size product at most
             scale = scale * extra
         mixed = mixed * scale
-    return mixed
+    return mixed if terms.offset is None else mixed + terms.offset
 
 
 def mix_bias(bias: Tensor | None, routing: Tensor) -> Tensor | None:
@@ -93,19 +118,19 @@ def _conv(x: Tensor, w: Tensor, b: Tensor | None, geom: ConvGeometry, groups: in
 
 
 def single(
-    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, modulation: Modulation = ()
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms = NO_TERMS
 ) -> Tensor:
     """Batch of one: mix the kernel once and run one ordinary convolution."""
     mixed_b = mix_bias(bias, routing)  # reshape, not [0]: an exported graph then has no Gather
-    kernel = mix_kernels(weight, routing, modulation).reshape(weight.shape[1:])
+    kernel = mix_kernels(weight, routing, terms).reshape(weight.shape[1:])
     return _conv(x, kernel, None if mixed_b is None else mixed_b.reshape(-1), geom, geom.groups)
 
 
 def loop(
-    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, modulation: Modulation = ()
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms = NO_TERMS
 ) -> Tensor:
     """One convolution per sample: the reference-shaped strategy, moderate on small maps."""
-    kernels = mix_kernels(weight, routing, modulation)
+    kernels = mix_kernels(weight, routing, terms)
     biases = mix_bias(bias, routing)
     outs = [
         _conv(x[b : b + 1], kernels[b], None if biases is None else biases[b], geom, geom.groups)
@@ -130,7 +155,7 @@ FOLD_MAX_CHUNK_GRAD = 16
 
 
 def grouped(
-    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, modulation: Modulation = ()
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms = NO_TERMS
 ) -> Tensor:
     """Fold chunks of the batch into the groups of one convolution (``groups = chunk * groups``)."""
     batch, c_in, height, width = x.shape
@@ -141,7 +166,7 @@ def grouped(
     for start in range(0, batch, chunk):
         r = routing[start : start + chunk]
         n = r.shape[0]
-        kernels = mix_kernels(weight, r, tuple(m[start : start + n] for m in modulation))
+        kernels = mix_kernels(weight, r, terms.rows(start, start + n))
         biases = mix_bias(bias, r)
         out = _conv(
             x[start : start + n].reshape(1, n * c_in, height, width),
@@ -155,7 +180,7 @@ def grouped(
 
 
 def matmul(
-    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, modulation: Modulation = ()
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms = NO_TERMS
 ) -> Tensor:
     """1x1 kernels as batched matrix products; channels_last inputs stay channels_last."""
     if not geom.pointwise:
@@ -164,7 +189,7 @@ def matmul(
     if geom.stride != (1, 1):
         x = x[:, :, :: geom.stride[0], :: geom.stride[1]]
     batch, c_in, height, width = x.shape
-    kernels = mix_kernels(weight, routing, modulation).flatten(2)  # [B, C_out, C_in/g]
+    kernels = mix_kernels(weight, routing, terms).flatten(2)  # [B, C_out, C_in/g]
     c_out = kernels.shape[1]
     biases = mix_bias(bias, routing)
     g = geom.groups
@@ -183,14 +208,14 @@ def matmul(
 
 
 def unfold(
-    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, modulation: Modulation = ()
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms = NO_TERMS
 ) -> Tensor:
     """im2col (``F.unfold``) then a batched matrix product with the per-sample kernels."""
     x = _pad(x, geom)
     batch = x.shape[0]
     h_out, w_out = _unpadded_out(x, geom)
     cols = F.unfold(x, geom.kernel, dilation=geom.dilation, stride=geom.stride)  # [B, C_in*kk, L]
-    kernels = mix_kernels(weight, routing, modulation).flatten(2)  # [B, C_out, C_in/g*kk]
+    kernels = mix_kernels(weight, routing, terms).flatten(2)  # [B, C_out, C_in/g*kk]
     c_out = kernels.shape[1]
     biases = mix_bias(bias, routing)
     g = geom.groups
@@ -262,7 +287,7 @@ def serves_any_batch(batch: int | torch.SymInt) -> bool:
 def applicable(name: str, batch: int, geom: ConvGeometry, modulated: bool = False) -> bool:
     """Whether strategy ``name`` can compute this call at all (for a symbolic batch: for every batch).
 
-    A ``modulated`` call (per-sample factors on the kernel) needs per-sample kernels: not ``output``.
+    A ``modulated`` call (:class:`KernelTerms` on the kernel) needs per-sample kernels: not ``output``.
     """
     if modulated and name == "output":
         return False

@@ -129,6 +129,18 @@ def test_from_conv_is_exact_and_then_follows_the_formula(kind, experts, spec) ->
     assert not close_enough(actual, conv(x)), "the randomised router should change the function"
 
 
+@pytest.mark.parametrize("size", [2, 16], ids=["low-rank-path", "one-kernel-path"])
+def test_dcd_pointwise_paths_follow_the_formula(size) -> None:
+    """A 1x1 conv runs as one per-sample kernel on large maps, as static conv + low-rank term on small ones."""
+    conv = make_conv((64, 48, 1, 1, 0, 1, 1, True, "zeros"))
+    layer = DCDConv2d.from_conv(conv)
+    x = torch.randn(3, 64, size, size) + torch.linspace(-1, 1, 3).view(3, 1, 1, 1)
+    with torch.no_grad():
+        assert close_enough(layer(x), conv(x))
+        randomize_router(layer)
+        assert close_enough(layer(x), dcd_reference(layer, conv, x))
+
+
 def test_router_outputs_at_conversion() -> None:
     """DCD: Lambda = 1 exactly and Phi = 0. ODConv: every sigmoid 1/2, softmax 1/n, experts 2^m (W + eps)."""
     conv = make_conv(CONV_GRID[0])  # 8 -> 16, 3x3

@@ -13,6 +13,7 @@ per-sample, per-channel 1x1 (centre-tap) correction.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Annotated, Any
 
 import torch
@@ -113,6 +114,43 @@ def add_low_rank(
     return summed.reshape(batch, c_out, h_out, w_out)
 
 
+def decomposed_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    scale: Tensor,
+    phi: Tensor,
+    q: Tensor,
+    p: Tensor,
+    bias: Tensor | None,
+    geom: ConvGeometry,
+    padding: Padding,
+    strategy: str | None,
+) -> Tensor:
+    """``conv(x, Lambda W0 + P Phi Q^T) + bias`` per sample, the fastest way for the shape.
+
+    A 1x1 conv (no groups, no padding) on a map with more pixels than its kernel is
+    small gets one per-sample kernel ``Lambda W0 + P Phi Q`` through the core (a batched
+    matmul: the static conv's cost, no extra pass over the output). Otherwise the core
+    runs the static kernel with ``Lambda`` as per-output-channel routing (one expert:
+    the static conv and a scale, or one conv at batch 1) and the low-rank term is added
+    on the centre taps. ``geom.pad`` is the padding ``padding`` applies.
+    """
+    c_out, c_in = weight.shape[1], weight.shape[2]
+    conv_args = (geom.stride, padding, geom.dilation, geom.groups)
+    if geom.pointwise and geom.groups == 1 and not any(geom.pad):
+        pixels = -(-x.shape[-2] // geom.stride[0]) * -(-x.shape[-1] // geom.stride[1])
+        if c_in * c_out <= 2 * pixels * (c_in + c_out):  # forming the kernel costs less than the separate path
+            offset = ((p @ phi[:, 0]) @ q).reshape(-1, c_out, c_in, 1, 1)
+            ones = torch.ones_like(scale[:, :1])
+            bias_bank = None if bias is None else bias.reshape(1, -1)
+            factor = scale.reshape(-1, c_out, 1, 1, 1)
+            return dynamic_conv2d(
+                x, weight, ones, bias_bank, *conv_args, strategy=strategy, modulation=(factor,), offset=offset
+            )
+    out = dynamic_conv2d(x, weight, scale.unsqueeze(1), None, *conv_args, strategy=strategy)
+    return add_low_rank(out, centre_taps(x, geom.pad, geom), q, phi, p, bias, geom.groups)
+
+
 def standardized_kernel(weight: Tensor, standardize: WeightStandardization, gain: Tensor | None) -> Tensor:
     """``gain * scale * (W - mean) / sqrt(var + eps)`` per output channel of ``[1, C_out, ...]``, as timm's
     ``StdConv2d`` (biased variance)."""
@@ -126,7 +164,7 @@ def standardized_kernel(weight: Tensor, standardize: WeightStandardization, gain
 
 
 # Leaf calls for torch.fx: they read shapes, which a symbolic trace cannot branch on.
-for _leaf in ("dynamic_conv2d", "centre_taps", "add_low_rank", "standardized_kernel"):
+for _leaf in ("decomposed_conv2d", "standardized_kernel"):
     torch.fx.wrap(_leaf)
 
 
@@ -166,6 +204,8 @@ class DCDConv2d(DynamicConv2d):
         latent = self.router.latent
         self.q = nn.Parameter(torch.empty(self.groups * latent, self.in_channels // self.groups, **factory))
         self.p = nn.Parameter(torch.empty(self.out_channels, latent, **factory))
+        #: The geometry of the conv on an input already padded by hand (TF 'same', padding modes).
+        self._padded_geometry = replace(self._geometry, pad=(0, 0, 0, 0))
         self._reset_low_rank()
 
     def _build_router(
@@ -243,12 +283,10 @@ class DCDConv2d(DynamicConv2d):
         weight = self.weight
         if self.standardize is not None:
             weight = standardized_kernel(weight, self.standardize, self.gain)
-        conv_args = (self.stride, padding, self.dilation, self.groups)
-        out = dynamic_conv2d(padded, weight, scale.unsqueeze(1), None, *conv_args, strategy=self.strategy)
         by_hand = self.padding == TF_SAME or self.padding_mode != "zeros"  # then ``padded`` holds the padding
-        centres = centre_taps(padded, (0, 0, 0, 0) if by_hand else self._geometry.pad, self._geometry)
+        geom = self._padded_geometry if by_hand else self._geometry
         bias = None if self.bias is None else self.bias[0]
-        return add_low_rank(out, centres, self.q, phi, self.p, bias, self.groups)
+        return decomposed_conv2d(padded, weight, scale, phi, self.q, self.p, bias, geom, padding, self.strategy)
 
     def extra_repr(self) -> str:
         return super().extra_repr().replace("experts=1", f"latent={self.router.latent}")
