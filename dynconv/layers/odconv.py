@@ -11,21 +11,87 @@ computes it.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Annotated, Any
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from .. import strategies
 from ..experts import DEFAULT_NOISE
 from ..functional import dynamic_conv2d
-from ..geometry import Padding
+from ..geometry import ConvGeometry, Padding
 from ..routing import Router, global_pool
 from ..standardization import WeightStandardization
-from .base import DynamicConv2d
+from .base import TF_SAME, DynamicConv2d
 from .spec import Bounds, KindInfo
 
-torch.fx.wrap("dynamic_conv2d")  # a leaf call for torch.fx: the core branches on shapes
+#: ODConv 1x on k x k maps up to this many output pixels, at batch > 1: rescaled im2col and
+#: one static GEMM beat per-sample kernels folded into conv groups (benchmarks/kinds.py).
+RESCALED_MAX_PIXELS = 14 * 14
+
+
+def rescaled_im2col(
+    x: Tensor,
+    weight: Tensor,
+    channel: Tensor,
+    spatial: Tensor,
+    filt: Tensor | None,
+    bias: Tensor | None,
+    geom: ConvGeometry,
+) -> Tensor:
+    """ODConv 1x without per-sample kernels: ``a_f * (W @ (im2col(x) * (a_c x a_s))) + bias``.
+
+    With one expert the attentions over input channels and taps scale the im2col
+    columns and the one over output channels scales the result, so the kernel stays
+    static and every sample shares one GEMM (``groups == 1``; ``x`` unpadded).
+    """
+    x = F.pad(x, geom.pad) if any(geom.pad) else x
+    left, right, top, bottom = geom.pad
+    h_out, w_out = geom.output_size(x.shape[-2] - top - bottom, x.shape[-1] - left - right)
+    cols = F.unfold(x, geom.kernel, dilation=geom.dilation, stride=geom.stride)  # [B, C_in * kk, L]
+    scale = (channel.unsqueeze(2) * spatial.unsqueeze(1)).reshape(channel.shape[0], -1, 1)
+    out = torch.matmul(weight.reshape(weight.shape[1], -1), cols * scale.to(cols.dtype))  # [B, C_out, L]
+    if filt is not None and bias is not None:
+        out = torch.addcmul(bias.reshape(1, -1, 1).to(out.dtype), out, filt.unsqueeze(2).to(out.dtype))
+    elif filt is not None:
+        out = out * filt.unsqueeze(2).to(out.dtype)
+    elif bias is not None:
+        out = out + bias.reshape(1, -1, 1).to(out.dtype)
+    return out.reshape(out.shape[0], out.shape[1], h_out, w_out)
+
+
+def omni_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    attentions: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
+    modulation: tuple[Tensor, ...],
+    bias: Tensor | None,
+    geom: ConvGeometry,
+    padding: Padding,
+    strategy: str | None,
+) -> Tensor:
+    """The ODConv convolution: the shared core with the attentions as kernel factors, or, for
+    ODConv 1x on small maps at batch > 1 (or any batch, in an exported graph), a rescaled im2col."""
+    kernel, filt, channel, spatial = attentions
+    batch = x.shape[0]
+    if (
+        strategy is None
+        and weight.shape[0] == 1
+        and geom.groups == 1
+        and spatial is not None
+        and (strategies.serves_any_batch(batch) or batch != 1)
+    ):
+        h_out, w_out = geom.output_size(x.shape[-2], x.shape[-1])
+        if h_out * w_out <= RESCALED_MAX_PIXELS:
+            strategies.note_strategy("rescaled")
+            return rescaled_im2col(x, weight, channel, spatial, filt, None if bias is None else bias[0], geom)
+    conv_args = (geom.stride, padding, geom.dilation, geom.groups)
+    return dynamic_conv2d(x, weight, kernel, bias, *conv_args, strategy=strategy, modulation=modulation)
+
+
+torch.fx.wrap("omni_conv2d")  # a leaf call for torch.fx: it branches on shapes
 
 
 class OmniRouter(Router):
@@ -118,14 +184,17 @@ class ODConv2d(DynamicConv2d):
         "(n > 1); no BatchNorm",
         parameters="n x the conv's kernel, plus C_in x h + h x (C_in + C_out + k^2 + n) for the attention "
         "(h = max(C_in/16, 16))",
-        speed="one per-sample kernel (the attentions are scales of it): static conv cost at batch 1 and for "
-        "1x1 convs (batched matmul); k x k convs at larger batches fold the batch into conv groups",
+        speed="one per-sample kernel (the attentions are scales of it) through the shared core: static conv "
+        "cost at batch 1 and for 1x1 convs (batched matmul); k x k convs at larger batches fold the batch into "
+        "conv groups, except ODConv 1x on maps up to 14x14: rescaled im2col and one static GEMM",
     )
 
     def __init__(self, *args: Any, standardize: WeightStandardization | None = None, **kwargs: Any) -> None:
         if standardize is not None:
             raise ValueError(self.unsupported({"standardize": standardize}))
         super().__init__(*args, **kwargs)
+        #: The geometry of the conv on an input already padded by hand (TF 'same', padding modes).
+        self._padded_geometry = replace(self._geometry, pad=(0, 0, 0, 0))
 
     @classmethod
     def unsupported(cls, options: dict[str, Any]) -> str | None:
@@ -191,8 +260,10 @@ class ODConv2d(DynamicConv2d):
             self.last_routing = torch.cat(parts, dim=1).detach()
         factors = self.modulation(filt, channel, spatial)
         x, padding = self._pad_input(x)
-        conv_args = (self.stride, padding, self.dilation, self.groups)
-        out = dynamic_conv2d(x, self.weight, kernel, self.bias, *conv_args, strategy=self.strategy, modulation=factors)
+        by_hand = self.padding == TF_SAME or self.padding_mode != "zeros"  # then ``x`` holds the padding
+        geom = self._padded_geometry if by_hand else self._geometry
+        attentions = (kernel, filt, channel, spatial)
+        out = omni_conv2d(x, self.weight, attentions, factors, self.bias, geom, padding, self.strategy)
         if self.static_bias is not None:
             out = out + self.static_bias.to(out.dtype)[:, None, None]
         return out
