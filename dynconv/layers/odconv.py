@@ -62,11 +62,27 @@ def rescaled_im2col(
     return out.reshape(out.shape[0], out.shape[1], h_out, w_out)
 
 
+def kernel_factors(
+    filt: Tensor | None, channel: Tensor, spatial: Tensor | None, weight: Tensor, groups: int
+) -> tuple[Tensor, ...]:
+    """The attentions as per-sample kernel factors for the core: (output x input channels, taps)."""
+    c_out, per_group = weight.shape[1], weight.shape[2]
+    if groups == 1:
+        factor = channel.reshape(-1, 1, per_group, 1, 1)
+    else:  # output o of group g reads input channels g * C_in/g ...: expand over the group's outputs
+        factor = channel.reshape(-1, groups, 1, per_group).expand(-1, -1, c_out // groups, -1)
+        factor = factor.reshape(-1, c_out, per_group, 1, 1)
+    if filt is not None:
+        factor = factor * filt.reshape(-1, c_out, 1, 1, 1)
+    if spatial is None:
+        return (factor,)
+    return (factor, spatial.reshape(-1, 1, 1, weight.shape[3], weight.shape[4]))
+
+
 def omni_conv2d(
     x: Tensor,
     weight: Tensor,
     attentions: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
-    modulation: tuple[Tensor, ...],
     bias: Tensor | None,
     geom: ConvGeometry,
     padding: Padding,
@@ -87,8 +103,9 @@ def omni_conv2d(
         if h_out * w_out <= RESCALED_MAX_PIXELS:
             strategies.note_strategy("rescaled")
             return rescaled_im2col(x, weight, channel, spatial, filt, None if bias is None else bias[0], geom)
+    factors = kernel_factors(filt, channel, spatial, weight, geom.groups)
     conv_args = (geom.stride, padding, geom.dilation, geom.groups)
-    return dynamic_conv2d(x, weight, kernel, bias, *conv_args, strategy=strategy, modulation=modulation)
+    return dynamic_conv2d(x, weight, kernel, bias, *conv_args, strategy=strategy, modulation=factors)
 
 
 torch.fx.wrap("omni_conv2d")  # a leaf call for torch.fx: it branches on shapes
@@ -238,32 +255,16 @@ class ODConv2d(DynamicConv2d):
                 layer.bias.copy_(conv.bias.detach().to(layer.bias.dtype).expand_as(layer.bias))
         return layer  # type: ignore[return-value]
 
-    def modulation(self, filt: Tensor | None, channel: Tensor, spatial: Tensor | None) -> tuple[Tensor, ...]:
-        """The attentions as per-sample kernel factors for the core: (output x input channels, taps)."""
-        c_out, groups = self.out_channels, self.groups
-        per_group = self.in_channels // groups
-        if groups == 1:
-            factor = channel.reshape(-1, 1, per_group, 1, 1)
-        else:  # output o of group g reads input channels g * C_in/g ...: expand over the group's outputs
-            factor = channel.reshape(-1, groups, 1, per_group).expand(-1, -1, c_out // groups, -1)
-            factor = factor.reshape(-1, c_out, per_group, 1, 1)
-        if filt is not None:
-            factor = factor * filt.reshape(-1, c_out, 1, 1, 1)
-        if spatial is None:
-            return (factor,)
-        return (factor, spatial.reshape(-1, 1, 1, *self.kernel_size))
-
     def forward(self, x: Tensor) -> Tensor:
         kernel, filt, channel, spatial = self.router(x)
         if self.capture_routing:
             parts = [kernel, channel] + [a for a in (filt, spatial) if a is not None]
             self.last_routing = torch.cat(parts, dim=1).detach()
-        factors = self.modulation(filt, channel, spatial)
         x, padding = self._pad_input(x)
         by_hand = self.padding == TF_SAME or self.padding_mode != "zeros"  # then ``x`` holds the padding
         geom = self._padded_geometry if by_hand else self._geometry
         attentions = (kernel, filt, channel, spatial)
-        out = omni_conv2d(x, self.weight, attentions, factors, self.bias, geom, padding, self.strategy)
+        out = omni_conv2d(x, self.weight, attentions, self.bias, geom, padding, self.strategy)
         if self.static_bias is not None:
             out = out + self.static_bias.to(out.dtype)[:, None, None]
         return out
