@@ -141,6 +141,49 @@ def test_dcd_pointwise_paths_follow_the_formula(size) -> None:
         assert close_enough(layer(x), dcd_reference(layer, conv, x))
 
 
+@pytest.mark.parametrize("experts", [1, 3])
+@pytest.mark.parametrize(("kernel", "groups", "stride"), [(3, 1, 1), (1, 1, 2), (3, 4, 2), (3, 8, 1)])
+def test_core_kernel_terms_match_the_per_sample_reference(experts, kernel, groups, stride) -> None:
+    """``modulation`` and ``offset``: values and gradients equal per-sample convs, in every strategy that can."""
+    from dynconv import strategies
+    from dynconv.functional import dynamic_conv2d
+    from dynconv.geometry import ConvGeometry
+
+    gen = torch.Generator().manual_seed(kernel * 10 + groups + experts)
+    per_group = 8 // groups
+    x = torch.randn(3, 8, 9, 9, generator=gen)
+    weight = torch.randn(experts, 8, per_group, kernel, kernel, generator=gen)
+    routing = torch.softmax(torch.randn(3, experts, generator=gen), 1)
+    bias = torch.randn(experts, 8, generator=gen)
+    leaves = [
+        torch.rand(3, 8, 1, 1, 1, generator=gen),
+        torch.rand(3, 1, per_group, 1, 1, generator=gen),
+        torch.rand(3, 1, 1, kernel, kernel, generator=gen),
+        torch.randn(3, 8, per_group, kernel, kernel, generator=gen) * 0.1,
+    ]
+    conv_args = (stride, kernel // 2, 1, groups)
+
+    def reference(factors, offset):
+        kernels = (routing @ weight.flatten(1)).reshape(3, *weight.shape[1:]) * factors[0] * factors[1] * factors[2]
+        kernels = kernels + offset
+        return torch.cat([F.conv2d(x[b : b + 1], kernels[b], routing[b] @ bias, *conv_args) for b in range(3)])
+
+    ref_leaves = [t.clone().requires_grad_() for t in leaves]
+    expected = reference(ref_leaves[:3], ref_leaves[3])
+    expected_grads = torch.autograd.grad(expected.square().sum(), ref_leaves)
+    geom = ConvGeometry.build((kernel, kernel), stride, kernel // 2, 1, groups)
+    names = [None, *(s for s in strategies.STRATEGIES if strategies.applicable(s, 3, geom, modulated=True))]
+    assert "output" not in names and len(names) >= 4
+    for name in names:
+        mine = [t.clone().requires_grad_() for t in leaves]
+        out = dynamic_conv2d(x, weight, routing, bias, *conv_args, strategy=name, modulation=mine[:3], offset=mine[3])
+        assert close_enough(out, expected), name
+        for got, want in zip(torch.autograd.grad(out.square().sum(), mine), expected_grads, strict=True):
+            assert close_enough(got, want), name
+    with pytest.raises(ValueError, match="modulated"):
+        dynamic_conv2d(x, weight, routing, bias, *conv_args, strategy="output", modulation=leaves[:1])
+
+
 def test_router_outputs_at_conversion() -> None:
     """DCD: Lambda = 1 exactly and Phi = 0. ODConv: every sigmoid 1/2, softmax 1/n, experts 2^m (W + eps)."""
     conv = make_conv(CONV_GRID[0])  # 8 -> 16, 3x3
