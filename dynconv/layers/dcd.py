@@ -128,25 +128,33 @@ def decomposed_conv2d(
 ) -> Tensor:
     """``conv(x, Lambda W0 + P Phi Q^T) + bias`` per sample, the fastest way for the shape.
 
-    A 1x1 conv (no groups, no padding) on a map with more pixels than its kernel is
-    small gets one per-sample kernel ``Lambda W0 + P Phi Q`` through the core (a batched
-    matmul: the static conv's cost, no extra pass over the output). Otherwise the core
-    runs the static kernel with ``Lambda`` as per-output-channel routing (one expert:
-    the static conv and a scale, or one conv at batch 1) and the low-rank term is added
-    on the centre taps. ``geom.pad`` is the padding ``padding`` applies.
+    Where the whole kernel is small per sample, it is formed and run through the core
+    (``Lambda`` as a kernel factor, ``P Phi Q`` as an offset on the centre tap): depthwise
+    convs (folded into conv groups like the static conv, no extra pass over any map) and
+    1x1 convs on maps with more pixels than the kernel has rows and columns (a batched
+    matmul). Otherwise the core runs the static kernel with ``Lambda`` as
+    per-output-channel routing (one expert: the static conv and a scale, or one conv at
+    batch 1) and the low-rank term is added on the centre taps. ``geom.pad`` is the
+    padding ``padding`` applies.
     """
-    c_out, c_in = weight.shape[1], weight.shape[2]
+    c_out, per_group, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3], weight.shape[4]
     conv_args = (geom.stride, padding, geom.dilation, geom.groups)
-    if geom.pointwise and geom.groups == 1 and not any(geom.pad):
-        pixels = -(-x.shape[-2] // geom.stride[0]) * -(-x.shape[-1] // geom.stride[1])
-        if c_in * c_out <= 2 * pixels * (c_in + c_out):  # forming the kernel costs less than the separate path
-            offset = ((p @ phi[:, 0]) @ q).reshape(-1, c_out, c_in, 1, 1)
-            ones = torch.ones_like(scale[:, :1])
-            bias_bank = None if bias is None else bias.reshape(1, -1)
-            factor = scale.reshape(-1, c_out, 1, 1, 1)
-            return dynamic_conv2d(
-                x, weight, ones, bias_bank, *conv_args, strategy=strategy, modulation=(factor,), offset=offset
-            )
+    whole = per_group == 1
+    if geom.pointwise and not whole:
+        h_out, w_out = geom.output_size(x.shape[-2], x.shape[-1])
+        whole = per_group * c_out <= 2 * h_out * w_out * (x.shape[1] + c_out)  # forming it costs less
+    if whole:
+        groups, latent = geom.groups, phi.shape[-1]
+        low = p.reshape(groups, c_out // groups, latent) @ phi @ q.reshape(groups, latent, per_group)
+        offset = low.reshape(-1, c_out, per_group, 1, 1)
+        if (kh, kw) != (1, 1):  # on the centre tap, zero elsewhere
+            offset = F.pad(offset, ((kw - 1) // 2, kw - 1 - (kw - 1) // 2, (kh - 1) // 2, kh - 1 - (kh - 1) // 2))
+        ones = torch.ones_like(scale[:, :1])
+        bias_bank = None if bias is None else bias.reshape(1, -1)
+        factor = scale.reshape(-1, c_out, 1, 1, 1)
+        return dynamic_conv2d(
+            x, weight, ones, bias_bank, *conv_args, strategy=strategy, modulation=(factor,), offset=offset
+        )
     out = dynamic_conv2d(x, weight, scale.unsqueeze(1), None, *conv_args, strategy=strategy)
     return add_low_rank(out, centre_taps(x, geom.pad, geom), q, phi, p, bias, geom.groups)
 
@@ -194,8 +202,9 @@ class DCDConv2d(DynamicConv2d):
         "Phi (L x L); no BatchNorm",
         parameters="the static conv, plus L x (C_in + C_out) for Q and P, plus a small router "
         "(C_in x C_in/16 + C_in/16 x (C_out + L^2))",
-        speed="the static conv, two thin 1x1 convs and an L x L product per sample; no per-sample kernel "
-        "except for 1x1 convs (batched matmul) and at batch 1",
+        speed="k x k convs: the static conv (one expert: output scaled by Lambda), two thin 1x1 convs and an "
+        "L x L product per sample, added in one batched matmul; depthwise and 1x1 convs on large maps: one "
+        "small per-sample kernel through the shared core, about the static cost",
     )
 
     def __init__(self, *args: Any, experts: int = 1, **kwargs: Any) -> None:
