@@ -309,11 +309,17 @@ def test_parameter_counts_follow_the_hand_formula() -> None:
     assert sum(p.numel() for p in od1.parameters()) == c_in + c_in + c_in * h + h + (h + 1) * c_in
 
 
-@pytest.mark.parametrize(("kind", "experts"), VARIANTS, ids=VARIANT_IDS)
-@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2", "tf_efficientnet_b0"])
+@pytest.mark.parametrize(
+    ("name", "kind", "experts"),
+    [
+        ("mobilenet_v2", "dcd", 1),
+        ("mobilenet_v2", "odconv", 4),
+        ("resnet18", "odconv", 1),
+        ("tf_efficientnet_b0", "dcd", 1),
+    ],
+)
 def test_real_models_convert_exactly(name, kind, experts) -> None:
-    if name == "tf_efficientnet_b0" and experts == 1 and kind == "odconv":
-        pytest.skip("two variants on the timm model are enough for its TF-'same' convs")
+    """Depthwise and 1x1 convs (MobileNetV2), dense 3x3 on small maps (ResNet-18), TF-'same' convs (timm)."""
     torch.manual_seed(0)
     model = convert.build_model(name).eval()
     result = convert.convert_model(model, kind=kind, experts=experts, input_size=64)
@@ -324,19 +330,14 @@ def test_real_models_convert_exactly(name, kind, experts) -> None:
 
 
 def test_checkpoint_round_trip(tmp_path) -> None:
-    torch.manual_seed(0)
-    model = convert.build_model("resnet18").eval()
-    for kind in ("dcd", "odconv"):
-        result = convert.convert_model(model, kind=kind, experts=2, input_size=32, include="layer4.*")
-        for layer in dynconv.dynamic_layers(result.model).values():
-            randomize_router(layer)  # as if trained
-        path = convert.save_checkpoint(result, tmp_path / f"{kind}.safetensors")
-        meta = convert.read_metadata(path)
-        assert {r["kind"] for r in meta["layers"]} == {kind}
-        loaded = convert.load_checkpoint(path)
-        x = batch(2)
-        with torch.no_grad():
-            torch.testing.assert_close(loaded(x), result.model(x), rtol=0, atol=0)
+    """Both kinds (through the mixed recipe), routers as if trained: bit-identical after a reload."""
+    _, model = mixed_converted()
+    path = convert.save_checkpoint(model, tmp_path / "mixed.safetensors")
+    assert {r["kind"] for r in convert.read_metadata(path)["layers"]} == {"dcd", "odconv"}
+    loaded = convert.load_checkpoint(path, model=mixed_net())
+    x = batch(2)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
 def test_cli_converts_each_kind_and_lists_it(tmp_path) -> None:
@@ -416,8 +417,10 @@ def test_torch_export_fx_and_compile_with_a_dynamic_batch() -> None:
     traced = torch.fx.symbolic_trace(model)
     torch._dynamo.reset()
     compiled = torch.compile(model, dynamic=True, fullgraph=True, backend="eager")  # fullgraph: a break raises
+    exported = program.module()
     with torch.no_grad():
         for n in (1, 3, 5):
             expected = model(batch(n))
-            for name, fn in (("export", program.module()), ("fx", traced), ("compile", compiled)):
+            runs = [("export", exported), ("fx", traced)] + ([("compile", compiled)] if n > 1 else [])
+            for name, fn in runs:  # compile: batch 1 would be one more (specialised) graph, as for a static model
                 assert close_enough(fn(batch(n)), expected), (name, n)
