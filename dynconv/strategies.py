@@ -369,10 +369,13 @@ def preference(
         return batch_agnostic_preference(pixels, per_group_in, geom, kernel_bytes, experts)
     if geom.pointwise and per_group_in > 1:
         return ("matmul", "single", "grouped", "unfold", "loop", "output")
+    taps = geom.kernel[0] * geom.kernel[1]
+    if experts == 1 and (batch != 1 or pixels <= per_group_in * taps):
+        # output mixing of one expert is the static conv and one scaling pass over the output:
+        # cheaper than scaling the kernel whenever the output map is the smaller of the two
+        return ("output", "single", "grouped", "unfold", "loop")
     if batch == 1:
         return ("single", "grouped", "loop", "unfold", "output")
-    if experts == 1:  # output mixing of one expert is the static conv and one scaling pass
-        return ("output", "grouped", "unfold", "loop")
     if per_group_in == 1:
         return ("grouped", "loop", "output", "unfold")
     small = pixels * experts <= SMALL_MAP_PIXELS * 4  # K=4: maps up to 8x8

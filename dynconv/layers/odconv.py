@@ -27,8 +27,8 @@ from ..standardization import WeightStandardization
 from .base import TF_SAME, DynamicConv2d
 from .spec import Bounds, KindInfo
 
-#: ODConv 1x on k x k maps up to this many output pixels, at batch > 1: rescaled im2col and
-#: one static GEMM beat per-sample kernels folded into conv groups (benchmarks/kinds.py).
+#: ODConv 1x on k x k maps up to this many output pixels: rescaled im2col and one static GEMM
+#: beat per-sample kernels (scaled, then folded into conv groups at batch > 1).
 RESCALED_MAX_PIXELS = 14 * 14
 
 
@@ -89,16 +89,10 @@ def omni_conv2d(
     strategy: str | None,
 ) -> Tensor:
     """The ODConv convolution: the shared core with the attentions as kernel factors, or, for
-    ODConv 1x on small maps at batch > 1 (or any batch, in an exported graph), a rescaled im2col."""
+    ODConv 1x on small maps (where the im2col columns are fewer than the kernel's weights), a
+    rescaled im2col with the static kernel."""
     kernel, filt, channel, spatial = attentions
-    batch = x.shape[0]
-    if (
-        strategy is None
-        and weight.shape[0] == 1
-        and geom.groups == 1
-        and spatial is not None
-        and (strategies.serves_any_batch(batch) or batch != 1)
-    ):
+    if strategy is None and weight.shape[0] == 1 and geom.groups == 1 and spatial is not None:
         h_out, w_out = geom.output_size(x.shape[-2], x.shape[-1])
         if h_out * w_out <= RESCALED_MAX_PIXELS:
             strategies.note_strategy("rescaled")
