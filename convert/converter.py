@@ -348,7 +348,7 @@ def _decide(
     if is_already_dynamic(site.module):
         return f"already a dynamic conv ({type(site.module).__name__})", {}, False
     try:
-        conversion_options(site.module)
+        extra = conversion_options(site.module)
     except UnsupportedConvError as exc:
         return str(exc), {}, False
     if include and not any(name_matches(p, n) for p in include for n in site.names):
@@ -359,6 +359,9 @@ def _decide(
     options, skip_rule, unskipped = spec.resolve(site, overrides)
     if skip_rule is not None:
         return f"skipped by recipe rule {skip_rule}", options, False
+    refusal = LAYERS[options["kind"]].unsupported(extra)
+    if refusal is not None:
+        return refusal, options, False
     if not (unskipped or named_exactly(site, include)):
         default = default_skip_reason(site, shrunk, size)
         if default is not None:

@@ -1,4 +1,4 @@
-"""dynconv: dynamic convolutions (CondConv, DyConv, DyNet) on one shared core.
+"""dynconv: dynamic convolutions (CondConv, DyConv, DyNet, DCD, ODConv) on one shared core.
 
 Runtime package: imports torch only, so a converted model needs nothing else to run.
 """
@@ -12,10 +12,12 @@ from .layers import (
     LAYERS,
     Bounds,
     CondConv2d,
+    DCDConv2d,
     DyConv2d,
     DynamicConv2d,
     DyNetConv2d,
     KindInfo,
+    ODConv2d,
     OptionSpec,
     layer_class,
     register,
@@ -36,10 +38,12 @@ __all__ = [
     "TF_SAME",
     "Bounds",
     "CondConv2d",
+    "DCDConv2d",
     "DyConv2d",
     "DyNetConv2d",
     "DynamicConv2d",
     "KindInfo",
+    "ODConv2d",
     "OptionSpec",
     "Router",
     "RoutingShare",

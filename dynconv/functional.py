@@ -13,7 +13,7 @@ from torch import Tensor
 from . import strategies
 from .geometry import ConvGeometry, IntPair, Padding
 from .opaque import call_opaque, use_opaque_op
-from .strategies import EXPORTABLE_STRATEGIES, STRATEGIES, applicable, strategy_scope
+from .strategies import EXPORTABLE_STRATEGIES, STRATEGIES, KernelTerms, applicable, strategy_scope
 
 __all__ = ["EXPORTABLE_STRATEGIES", "STRATEGIES", "dynamic_conv2d", "select_strategy", "strategy_scope"]
 
@@ -59,12 +59,28 @@ def select_strategy(
     weight: Tensor,
     geom: ConvGeometry,
     needs_grad: bool,
+    modulated: bool = False,
 ) -> str:
     """The strategy the core would run for this call (honours :func:`strategy_scope`)."""
     batch, c_in, height, width = input.shape
     out_hw = geom.output_size(height, width)
     kernel_bytes = weight[0].numel() * weight.element_size()
-    return strategies.choose(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, weight.shape[0])
+    return strategies.choose(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, weight.shape[0], modulated)
+
+
+def _check_modulation(modulation: tuple[Tensor, ...], input: Tensor, weight: Tensor) -> None:
+    """Each factor is 5-D, per sample, and broadcasts to one sample's kernel."""
+    kernel = (weight.shape[1], weight.shape[2], weight.shape[3], weight.shape[4])
+    for i, factor in enumerate(modulation):
+        if factor.dim() != 5 or factor.shape[0] != input.shape[0]:
+            raise ValueError(
+                f"modulation factor {i} must be [B, C_out|1, C_in/groups|1, kH|1, kW|1] with B={input.shape[0]}, "
+                f"got shape {tuple(factor.shape)}"
+            )
+        if any(f not in (1, k) for f, k in zip(factor.shape[1:], kernel, strict=True)):
+            raise ValueError(
+                f"modulation factor {i} of shape {tuple(factor.shape)} does not broadcast to the kernel {kernel}"
+            )
 
 
 def dynamic_conv2d(
@@ -78,30 +94,50 @@ def dynamic_conv2d(
     groups: int = 1,
     *,
     strategy: str | None = None,
+    modulation: tuple[Tensor, ...] | list[Tensor] | None = None,
+    offset: Tensor | None = None,
 ) -> Tensor:
     """Convolve each sample with its own kernel ``sum_k routing[b, k] * weight[k]``.
 
     Equal (to float tolerance, values and gradients) to the per-sample loop
     ``y[b] = F.conv2d(x[b:b+1], sum_k r[b,k] W[k], sum_k r[b,k] bias[k], ...)``;
     per-output-channel routing ``[B, K, C_out]`` mixes each output channel on its own.
-    ``strategy`` forces one of :data:`STRATEGIES` (``None`` picks by shape); a
-    channels_last input gives a channels_last output.
+    ``modulation`` (optional) is a sequence of per-sample factors, each broadcastable
+    to ``[B, C_out, C_in/groups, kH, kW]``, multiplied into every sample's mixed kernel
+    (not into the bias): routing that varies over input channels or kernel taps, as
+    ODConv's. ``offset`` (optional, ``[B, C_out, C_in/groups, kH, kW]``) is added to each
+    sample's kernel after that: DCD's low-rank term on 1x1 convs. ``strategy`` forces one
+    of :data:`STRATEGIES` (``None`` picks by shape); a channels_last input gives a
+    channels_last output.
     """
     _check_shapes(input, weight, routing, bias, groups)
     _check_dtypes(input, weight)
+    modulation = tuple(modulation or ())
+    _check_modulation(modulation, input, weight)
+    if offset is not None and tuple(offset.shape) != (input.shape[0], *weight.shape[1:]):
+        raise ValueError(
+            f"offset must be [B, C_out, C_in/groups, kH, kW] = {[input.shape[0], *weight.shape[1:]]}, "
+            f"got shape {tuple(offset.shape)}"
+        )
     geom = ConvGeometry.build(tuple(weight.shape[3:]), stride, padding, dilation, groups)
     geom.output_size(input.shape[2], input.shape[3])  # raises on inputs smaller than the kernel
-    tensors = (input, weight, routing) if bias is None else (input, weight, routing, bias)
+    terms = KernelTerms(modulation, offset)
+    tensors = [t for t in (input, weight, routing, bias, offset, *modulation) if t is not None]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    modulated = bool(terms)
     if strategy is not None and strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; choose from {sorted(STRATEGIES)}")
-    if strategy is not None and not applicable(strategy, input.shape[0], geom):
-        raise ValueError(f"strategy {strategy!r} cannot compute a {geom.kernel} conv at batch {input.shape[0]}")
+    if strategy is not None and not applicable(strategy, input.shape[0], geom, modulated):
+        what = "a modulated " if modulated else "a "
+        raise ValueError(f"strategy {strategy!r} cannot compute {what}{geom.kernel} conv at batch {input.shape[0]}")
     if not torch.is_autocast_enabled(input.device.type):
         routing = routing.to(weight.dtype)
-    if use_opaque_op(input.shape[0], needs_grad, strategy):
+        terms = KernelTerms(
+            tuple(m.to(weight.dtype) for m in modulation), None if offset is None else offset.to(weight.dtype)
+        )
+    if not modulated and use_opaque_op(input.shape[0], needs_grad, strategy):
         return call_opaque(input, weight, routing, bias, geom)
-    out = run_core(input, weight, routing, bias, geom, needs_grad, strategy)
+    out = run_core(input, weight, routing, bias, geom, needs_grad, strategy, terms)
     if strategies.is_channels_last(input):
         return out.contiguous(memory_format=torch.channels_last)
     return out.contiguous()
@@ -115,9 +151,12 @@ def run_core(
     geom: ConvGeometry,
     needs_grad: bool,
     strategy: str | None = None,
+    terms: KernelTerms | None = None,
 ) -> Tensor:
     """Pick the strategy (unless forced), record it, and compute; arguments already checked."""
+    modulated = terms is not None and bool(terms)
     if strategy is None:
-        strategy = select_strategy(input, weight, geom, needs_grad)
+        strategy = select_strategy(input, weight, geom, needs_grad, modulated)
     strategies.note_strategy(strategy)
-    return STRATEGIES[strategy](input, weight, routing, bias, geom)
+    fn = STRATEGIES[strategy]
+    return fn(input, weight, routing, bias, geom, terms) if modulated else fn(input, weight, routing, bias, geom)

@@ -13,6 +13,12 @@ memory and exportability, which is why the core picks one per call:
 - ``output``:  one static conv with all ``K * C_out`` filters, then the outputs mixed;
                ``K`` times the MACs but no per-sample kernels, and exportable.
 
+A call may also carry :class:`KernelTerms`: per-sample factors, each broadcastable to
+``[B, C_out, C_in/g, kH, kW]``, multiplied into every sample's mixed kernel (ODConv's
+attentions over output channels, input channels and kernel taps), and a per-sample
+kernel added after them (DCD's low-rank term on 1x1 convs). Every strategy that forms
+per-sample kernels takes them; ``output`` mixes outputs, not kernels, so it cannot.
+
 Inputs reach a strategy validated: ``x`` is ``[B, C_in, H, W]``, ``weight`` is
 ``[K, C_out, C_in // groups, kH, kW]``, ``routing`` is ``[B, K]`` or
 ``[B, K, C_out]`` in the weight's dtype, ``bias`` is ``None`` or ``[K, C_out]``.
@@ -23,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,12 +37,45 @@ from torch import Tensor
 
 from .geometry import ConvGeometry
 
-StrategyFn = Callable[[Tensor, Tensor, Tensor, "Tensor | None", ConvGeometry], Tensor]
+StrategyFn = Callable[..., Tensor]
 
 
-def mix_kernels(weight: Tensor, routing: Tensor) -> Tensor:
-    """Per-sample kernels ``[B, C_out, C_in/g, kH, kW]`` from ``K`` experts."""
+@dataclass(frozen=True)
+class KernelTerms:
+    """What turns each sample's mixed kernel into its final kernel: ``mixed * prod(factors) + offset``.
+
+    ``factors`` are per-sample ``[B, ...]`` tensors broadcastable to ``[B, C_out, C_in/g, kH, kW]``;
+    ``offset`` is ``[B, C_out, C_in/g, kH, kW]`` or ``None``.
+    """
+
+    factors: tuple[Tensor, ...] = ()
+    offset: Tensor | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.factors) or self.offset is not None
+
+    def rows(self, start: int, stop: int) -> KernelTerms:
+        """The terms of samples ``start:stop``."""
+        offset = None if self.offset is None else self.offset[start:stop]
+        return KernelTerms(tuple(f[start:stop] for f in self.factors), offset)
+
+
+NO_TERMS = KernelTerms()
+
+
+def mix_kernels(weight: Tensor, routing: Tensor, terms: KernelTerms = NO_TERMS) -> Tensor:
+    """Per-sample kernels ``[B, C_out, C_in/g, kH, kW]`` from ``K`` experts, then the ``terms``.
+
+    With one expert the routing is just one more per-sample factor: the kernel is
+    scaled once (no matrix product, no copy before the scaling).
+    """
     k, c_out = weight.shape[:2]
+    if k == 1:
+        factor = routing.reshape(-1, 1, 1, 1, 1) if routing.dim() == 2 else routing.reshape(-1, c_out, 1, 1, 1)
+        for extra in terms.factors:
+            factor = factor * extra
+        mixed = weight * factor
+        return mixed if terms.offset is None else mixed + terms.offset
     if routing.dim() == 2:
         mixed = routing @ weight.reshape(k, -1)
     else:  # per output channel: K multiply-adds give a contiguous result (einsum's is o-major, 4x slower to convolve)
@@ -43,7 +83,13 @@ def mix_kernels(weight: Tensor, routing: Tensor) -> Tensor:
         mixed = routing[:, 0, :, None] * experts[0]
         for i in range(1, k):
             mixed.addcmul_(routing[:, i, :, None], experts[i])
-    return mixed.reshape(-1, *weight.shape[1:])  # -1: an exported graph keeps the batch dynamic
+    mixed = mixed.reshape(-1, *weight.shape[1:])  # -1: an exported graph keeps the batch dynamic
+    if terms.factors:
+        scale = terms.factors[0]
+        for extra in terms.factors[1:]:  # small factors first: one full-size product at most
+            scale = scale * extra
+        mixed = mixed * scale
+    return mixed if terms.offset is None else mixed + terms.offset
 
 
 def mix_bias(bias: Tensor | None, routing: Tensor) -> Tensor | None:
@@ -71,16 +117,20 @@ def _conv(x: Tensor, w: Tensor, b: Tensor | None, geom: ConvGeometry, groups: in
     return F.conv2d(_pad(x, geom), w, b, geom.stride, 0, geom.dilation, groups)
 
 
-def single(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+def single(
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms = NO_TERMS
+) -> Tensor:
     """Batch of one: mix the kernel once and run one ordinary convolution."""
     mixed_b = mix_bias(bias, routing)  # reshape, not [0]: an exported graph then has no Gather
-    kernel = mix_kernels(weight, routing).reshape(weight.shape[1:])
+    kernel = mix_kernels(weight, routing, terms).reshape(weight.shape[1:])
     return _conv(x, kernel, None if mixed_b is None else mixed_b.reshape(-1), geom, geom.groups)
 
 
-def loop(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+def loop(
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms = NO_TERMS
+) -> Tensor:
     """One convolution per sample: the reference-shaped strategy, moderate on small maps."""
-    kernels = mix_kernels(weight, routing)
+    kernels = mix_kernels(weight, routing, terms)
     biases = mix_bias(bias, routing)
     outs = [
         _conv(x[b : b + 1], kernels[b], None if biases is None else biases[b], geom, geom.groups)
@@ -104,7 +154,9 @@ FOLD_MAX_CHUNK = 8
 FOLD_MAX_CHUNK_GRAD = 16
 
 
-def grouped(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+def grouped(
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms = NO_TERMS
+) -> Tensor:
     """Fold chunks of the batch into the groups of one convolution (``groups = chunk * groups``)."""
     batch, c_in, height, width = x.shape
     c_out = weight.shape[1]
@@ -114,7 +166,7 @@ def grouped(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geo
     for start in range(0, batch, chunk):
         r = routing[start : start + chunk]
         n = r.shape[0]
-        kernels = mix_kernels(weight, r)
+        kernels = mix_kernels(weight, r, terms.rows(start, start + n))
         biases = mix_bias(bias, r)
         out = _conv(
             x[start : start + n].reshape(1, n * c_in, height, width),
@@ -127,7 +179,9 @@ def grouped(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geo
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
-def matmul(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+def matmul(
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms = NO_TERMS
+) -> Tensor:
     """1x1 kernels as batched matrix products; channels_last inputs stay channels_last."""
     if not geom.pointwise:
         raise ValueError(f"strategy 'matmul' needs a 1x1 kernel, got {geom.kernel}")
@@ -135,7 +189,7 @@ def matmul(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
     if geom.stride != (1, 1):
         x = x[:, :, :: geom.stride[0], :: geom.stride[1]]
     batch, c_in, height, width = x.shape
-    kernels = mix_kernels(weight, routing).flatten(2)  # [B, C_out, C_in/g]
+    kernels = mix_kernels(weight, routing, terms).flatten(2)  # [B, C_out, C_in/g]
     c_out = kernels.shape[1]
     biases = mix_bias(bias, routing)
     g = geom.groups
@@ -153,13 +207,15 @@ def matmul(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
     return add_bias(out.reshape(batch, c_out, height, width), biases)
 
 
-def unfold(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+def unfold(
+    x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms = NO_TERMS
+) -> Tensor:
     """im2col (``F.unfold``) then a batched matrix product with the per-sample kernels."""
     x = _pad(x, geom)
     batch = x.shape[0]
     h_out, w_out = _unpadded_out(x, geom)
     cols = F.unfold(x, geom.kernel, dilation=geom.dilation, stride=geom.stride)  # [B, C_in*kk, L]
-    kernels = mix_kernels(weight, routing).flatten(2)  # [B, C_out, C_in/g*kk]
+    kernels = mix_kernels(weight, routing, terms).flatten(2)  # [B, C_out, C_in/g*kk]
     c_out = kernels.shape[1]
     biases = mix_bias(bias, routing)
     g = geom.groups
@@ -190,7 +246,8 @@ def output(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
         r = routing.reshape(batch, 1, k, 1, 1, 1)
     else:
         r = routing.reshape(batch, k, g, c_out // g).transpose(1, 2).unsqueeze(-1).unsqueeze(-1)
-    out = (y * r.to(y.dtype)).sum(2).flatten(1, 2)
+    weighted = y * r.to(y.dtype)
+    out = (weighted.squeeze(2) if k == 1 else weighted.sum(2)).flatten(1, 2)  # one expert: nothing to sum
     return add_bias(out, mix_bias(bias, routing))
 
 
@@ -227,8 +284,13 @@ def serves_any_batch(batch: int | torch.SymInt) -> bool:
     return torch.compiler.is_compiling() and batch != 1
 
 
-def applicable(name: str, batch: int, geom: ConvGeometry) -> bool:
-    """Whether strategy ``name`` can compute this call at all (for a symbolic batch: for every batch)."""
+def applicable(name: str, batch: int, geom: ConvGeometry, modulated: bool = False) -> bool:
+    """Whether strategy ``name`` can compute this call at all (for a symbolic batch: for every batch).
+
+    A ``modulated`` call (:class:`KernelTerms` on the kernel) needs per-sample kernels: not ``output``.
+    """
+    if modulated and name == "output":
+        return False
     if is_symbolic(batch):
         return name in EXPORTABLE_STRATEGIES and (name != "matmul" or geom.pointwise)
     if name == "single":
@@ -304,9 +366,14 @@ def preference(
     pixels = out_hw[0] * out_hw[1]
     per_group_in = c_in // geom.groups
     if serves_any_batch(batch):  # one graph for every batch: no branch on its value, nothing folded into groups
-        return batch_agnostic_preference(pixels, per_group_in, geom, kernel_bytes)
+        return batch_agnostic_preference(pixels, per_group_in, geom, kernel_bytes, experts)
     if geom.pointwise and per_group_in > 1:
         return ("matmul", "single", "grouped", "unfold", "loop", "output")
+    taps = geom.kernel[0] * geom.kernel[1]
+    if experts == 1 and (batch != 1 or pixels <= per_group_in * taps):
+        # output mixing of one expert is the static conv and one scaling pass over the output:
+        # cheaper than scaling the kernel whenever the output map is the smaller of the two
+        return ("output", "single", "grouped", "unfold", "loop")
     if batch == 1:
         return ("single", "grouped", "loop", "unfold", "output")
     if per_group_in == 1:
@@ -328,16 +395,18 @@ SMALL_MAP_PIXELS = 8 * 8
 OUTPUT_MIN_KERNEL_BYTES = 4 * 2**20
 
 
-def batch_agnostic_preference(pixels: int, per_group_in: int, geom: ConvGeometry, kernel_bytes: int) -> tuple[str, ...]:
+def batch_agnostic_preference(
+    pixels: int, per_group_in: int, geom: ConvGeometry, kernel_bytes: int, experts: int = 4
+) -> tuple[str, ...]:
     """The order for a graph that must serve any batch size (export or compile with a dynamic batch).
 
-    1x1 kernels stay a batched matmul; depthwise kernels and big kernels on small maps
-    mix outputs (K times the MACs of a cheap conv, no per-sample kernel written);
-    the rest is im2col + batched matmul.
+    1x1 kernels stay a batched matmul; depthwise kernels, big kernels on small maps and
+    single-expert calls mix outputs (K times the MACs of a cheap conv, no per-sample
+    kernel written); the rest is im2col + batched matmul.
     """
     if geom.pointwise and per_group_in > 1:
         return ("matmul", "unfold", "output")
-    if per_group_in == 1 or (pixels <= SMALL_MAP_PIXELS and kernel_bytes >= OUTPUT_MIN_KERNEL_BYTES):
+    if experts == 1 or per_group_in == 1 or (pixels <= SMALL_MAP_PIXELS and kernel_bytes >= OUTPUT_MIN_KERNEL_BYTES):
         return ("output", "unfold")
     return ("unfold", "output")
 
@@ -350,14 +419,15 @@ def choose(
     needs_grad: bool,
     kernel_bytes: int = 0,
     experts: int = 4,
+    modulated: bool = False,
 ) -> str:
     """The strategy to run: the first preferred one the active scope allows."""
     allowed = allowed_strategies()
     for name in preference(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, experts):
-        if (allowed is None or name in allowed) and applicable(name, batch, geom):
+        if (allowed is None or name in allowed) and applicable(name, batch, geom, modulated):
             return name
     if allowed is not None:
         for name in allowed:
-            if applicable(name, batch, geom):
+            if applicable(name, batch, geom, modulated):
                 return name
     raise ValueError(f"no strategy in {allowed!r} can compute a {geom.kernel} conv at batch {batch}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "zoo.md"
-KINDS = ("condconv", "dyconv", "dynet")
+KINDS = ("condconv", "dyconv", "dynet", "dcd", "odconv")
 NOT_APPLICABLE = "n/a: the model has no nn.Conv2d, nothing to convert"
 #: A recipe whose one rule keeps every conv: forces the default skips (a model with only a stem conv).
 KEEP_ALL = {"rules": [{"skip": False}]}
@@ -175,11 +175,14 @@ def _train_ok(model, x, dynconv, max_steps: int = 4) -> bool:
     Step 1 moves the zeroed routers, step 2 lets routing tell the experts apart; a
     zero-initialised head (torchvision ViT) needs one more step before gradients reach
     the convs. The loss is a regression to random targets, which never saturates.
+    Kinds with one kernel per layer (DCD, ODConv with n = 1) have no experts to tell
+    apart: for them every parameter of every dynamic layer must receive gradient.
     """
     import torch
     import torch.nn.functional as F
 
     layers = dynconv.dynamic_layers(model)
+    single = all(layer.weight.shape[0] == 1 for layer in layers.values())
     dynconv.set_temperature(model, 1.0)
     # Adam: scale-free steps, so routers move even where layer scale (1e-6) shrinks gradients.
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)  # no model-sized temporaries
@@ -200,6 +203,11 @@ def _train_ok(model, x, dynconv, max_steps: int = 4) -> bool:
             if grad is None:
                 continue
             per_expert = grad.flatten(1)
+            if single:
+                if all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in layer.parameters()):
+                    reached.add(name)
+                separated = True
+                continue
             if (per_expert.abs().sum(1) > 0).all():
                 reached.add(name)
             separated = separated or bool(((per_expert - per_expert.mean(0)).abs().max() > 0).item())
@@ -287,7 +295,8 @@ def write_table(
         "",
         "A model passes a kind when it converts at least one conv, the converted model equals the original "
         "(max |diff| <= 1e-4 max |orig| + 1e-5, eval, on an output that depends on the input), up to four "
-        "optimiser steps give every expert gradient and the experts different gradients, "
+        "optimiser steps give every expert gradient and the experts different gradients (with one kernel "
+        "per layer, DCD or ODConv 1x: every parameter of every dynamic layer gets gradient), "
         "and the checkpoint reloads (rebuilt by name) to bit-identical outputs.",
         "",
         f"{total - len(applicable)} models have no nn.Conv2d at all and are left out of the shares.",

@@ -215,7 +215,7 @@ ERRORS = [
     (lambda t: ["convert", "resnet18", "--recipe", "no-such-recipe"], "recipe no-such-recipe not found"),
     (lambda t: ["convert", "resnet18", "--output", _existing(t)], "already exists; pass --force"),
     (lambda t: ["convert", "resnet18", "--experts", 0], "--experts must be at least 1"),
-    (lambda t: ["convert", "resnet18", "--kind", "odconv"], "unknown kind 'odconv'"),
+    (lambda t: ["convert", "resnet18", "--kind", "odconv2"], "unknown kind 'odconv2'"),
     (lambda t: ["convert", "resnet18", "--include", "layer9.*", "--input-size", 64], "matches no conv"),
     (lambda t: ["convert", "resnet18", "--output", t / "missing" / "x.safetensors"], "folder .* does not exist"),
     (

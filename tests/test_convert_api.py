@@ -239,7 +239,7 @@ def test_timm_conv_classes_keep_their_behaviour(make, kind, tmp_path) -> None:
 
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="unknown kind"):
-        convert.convert_model(tiny(), kind="odconv", input_size=16)
+        convert.convert_model(tiny(), kind="odconv2", input_size=16)
     with pytest.raises(ValueError, match="experts"):
         convert.convert_model(tiny(), experts=0, input_size=16)
     with pytest.raises(convert.ProbeError, match="input size"):

@@ -314,6 +314,6 @@ def test_from_conv_keeps_dtype(dtype) -> None:
 
 def test_layer_registry() -> None:
     assert dynconv.layer_class("dyconv") is DyConv2d
-    assert set(dynconv.LAYERS) == {"condconv", "dyconv", "dynet"}
+    assert set(dynconv.LAYERS) == {"condconv", "dyconv", "dynet", "dcd", "odconv"}
     with pytest.raises(ValueError, match="unknown kind"):
-        dynconv.layer_class("odconv")
+        dynconv.layer_class("odconv2")

@@ -2,12 +2,16 @@
 
 from .base import DynamicConv2d
 from .condconv import CondConv2d
+from .dcd import DCDConv2d
 from .dyconv import DyConv2d
 from .dynet import DyNetConv2d
+from .odconv import ODConv2d
 from .spec import Bounds, KindInfo, OptionSpec
 
 #: Layer class by kind name, as recipes and the CLI spell it.
-LAYERS: dict[str, type[DynamicConv2d]] = {cls.kind: cls for cls in (CondConv2d, DyConv2d, DyNetConv2d)}
+LAYERS: dict[str, type[DynamicConv2d]] = {
+    cls.kind: cls for cls in (CondConv2d, DyConv2d, DyNetConv2d, DCDConv2d, ODConv2d)
+}
 
 
 def register(cls: type[DynamicConv2d]) -> type[DynamicConv2d]:
@@ -25,7 +29,7 @@ def register(cls: type[DynamicConv2d]) -> type[DynamicConv2d]:
 
 
 def layer_class(kind: str) -> type[DynamicConv2d]:
-    """The layer class for ``kind`` (``condconv``, ``dyconv`` or ``dynet``)."""
+    """The layer class for ``kind`` (``condconv``, ``dyconv``, ``dynet``, ``dcd``, ``odconv`` or a registered one)."""
     try:
         return LAYERS[kind]
     except KeyError:
@@ -36,10 +40,12 @@ __all__ = [
     "LAYERS",
     "Bounds",
     "CondConv2d",
+    "DCDConv2d",
     "DyConv2d",
     "DyNetConv2d",
     "DynamicConv2d",
     "KindInfo",
+    "ODConv2d",
     "OptionSpec",
     "layer_class",
     "register",

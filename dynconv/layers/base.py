@@ -139,6 +139,15 @@ class DynamicConv2d(nn.Module):
         return option_specs(cls._build_router)
 
     @classmethod
+    def unsupported(cls, options: dict[str, Any]) -> str | None:
+        """Why this kind cannot reproduce a conv that needs these ``from_conv`` options, or ``None``.
+
+        ``options`` are the conv-class options the converter would pass (``padding``,
+        ``standardize``); a converter leaves such a conv static with this reason.
+        """
+        return None
+
+    @classmethod
     def router_option_names(cls) -> tuple[str, ...]:
         """The router options this kind accepts (``dropout``, ``temperature`` ...)."""
         return tuple(cls.option_specs())

@@ -1,0 +1,264 @@
+"""ODConv, omni-dimensional dynamic convolution (Li, Zhou, Yao, ICLR 2022): attention over four dimensions.
+
+``W(x) = sum_i a_w,i(x) * a_f(x) (.) a_c(x) (.) a_s(x) (.) W_i``: a kernel attention over the
+``n`` experts (softmax), an output-channel attention (sigmoid), an input-channel
+attention (sigmoid) and a spatial attention over the kernel taps (sigmoid), all from
+one small router. The attentions over output channels, input channels and taps are
+per-sample factors of the kernel that the shared core multiplies into each sample's
+kernel (its ``modulation``), so every strategy the core has (except output mixing)
+computes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Annotated, Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from .. import strategies
+from ..experts import DEFAULT_NOISE
+from ..functional import dynamic_conv2d
+from ..geometry import ConvGeometry, Padding
+from ..routing import Router, global_pool
+from ..standardization import WeightStandardization
+from .base import TF_SAME, DynamicConv2d
+from .spec import Bounds, KindInfo
+
+#: ODConv 1x on k x k maps up to this many output pixels: rescaled im2col and one static GEMM
+#: beat per-sample kernels (scaled, then folded into conv groups at batch > 1).
+RESCALED_MAX_PIXELS = 14 * 14
+
+
+def rescaled_im2col(
+    x: Tensor,
+    weight: Tensor,
+    channel: Tensor,
+    spatial: Tensor,
+    filt: Tensor | None,
+    bias: Tensor | None,
+    geom: ConvGeometry,
+) -> Tensor:
+    """ODConv 1x without per-sample kernels: ``a_f * (W @ (im2col(x) * (a_c x a_s))) + bias``.
+
+    With one expert the attentions over input channels and taps scale the im2col
+    columns and the one over output channels scales the result, so the kernel stays
+    static and every sample shares one GEMM (``groups == 1``; ``x`` unpadded).
+    """
+    x = F.pad(x, geom.pad) if any(geom.pad) else x
+    left, right, top, bottom = geom.pad
+    h_out, w_out = geom.output_size(x.shape[-2] - top - bottom, x.shape[-1] - left - right)
+    cols = F.unfold(x, geom.kernel, dilation=geom.dilation, stride=geom.stride)  # [B, C_in * kk, L]
+    scale = (channel.unsqueeze(2) * spatial.unsqueeze(1)).reshape(channel.shape[0], -1, 1)
+    out = torch.matmul(weight.reshape(weight.shape[1], -1), cols * scale.to(cols.dtype))  # [B, C_out, L]
+    if filt is not None and bias is not None:
+        out = torch.addcmul(bias.reshape(1, -1, 1).to(out.dtype), out, filt.unsqueeze(2).to(out.dtype))
+    elif filt is not None:
+        out = out * filt.unsqueeze(2).to(out.dtype)
+    elif bias is not None:
+        out = out + bias.reshape(1, -1, 1).to(out.dtype)
+    return out.reshape(out.shape[0], out.shape[1], h_out, w_out)
+
+
+def kernel_factors(
+    filt: Tensor | None, channel: Tensor, spatial: Tensor | None, weight: Tensor, groups: int
+) -> tuple[Tensor, ...]:
+    """The attentions as per-sample kernel factors for the core: (output x input channels, taps)."""
+    c_out, per_group = weight.shape[1], weight.shape[2]
+    if groups == 1:
+        factor = channel.reshape(-1, 1, per_group, 1, 1)
+    else:  # output o of group g reads input channels g * C_in/g ...: expand over the group's outputs
+        factor = channel.reshape(-1, groups, 1, per_group).expand(-1, -1, c_out // groups, -1)
+        factor = factor.reshape(-1, c_out, per_group, 1, 1)
+    if filt is not None:
+        factor = factor * filt.reshape(-1, c_out, 1, 1, 1)
+    if spatial is None:
+        return (factor,)
+    return (factor, spatial.reshape(-1, 1, 1, weight.shape[3], weight.shape[4]))
+
+
+def omni_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    attentions: tuple[Tensor, Tensor | None, Tensor, Tensor | None],
+    bias: Tensor | None,
+    geom: ConvGeometry,
+    padding: Padding,
+    strategy: str | None,
+) -> Tensor:
+    """The ODConv convolution: the shared core with the attentions as kernel factors, or, for
+    ODConv 1x on small maps (where the im2col columns are fewer than the kernel's weights), a
+    rescaled im2col with the static kernel."""
+    kernel, filt, channel, spatial = attentions
+    if strategy is None and weight.shape[0] == 1 and geom.groups == 1 and spatial is not None:
+        h_out, w_out = geom.output_size(x.shape[-2], x.shape[-1])
+        if h_out * w_out <= RESCALED_MAX_PIXELS:
+            strategies.note_strategy("rescaled")
+            return rescaled_im2col(x, weight, channel, spatial, filt, None if bias is None else bias[0], geom)
+    factors = kernel_factors(filt, channel, spatial, weight, geom.groups)
+    conv_args = (geom.stride, padding, geom.dilation, geom.groups)
+    return dynamic_conv2d(x, weight, kernel, bias, *conv_args, strategy=strategy, modulation=factors)
+
+
+torch.fx.wrap("omni_conv2d")  # a leaf call for torch.fx: it branches on shapes
+
+
+class OmniRouter(Router):
+    """GAP -> linear -> ReLU -> up to four heads, each divided by the temperature; no BatchNorm.
+
+    Heads: ``channel`` (``C_in``, sigmoid) always; ``filter`` (``C_out``, sigmoid) unless
+    the conv is depthwise; ``spatial`` (``kH * kW``, sigmoid) unless the kernel is 1x1;
+    ``kernel`` (``n``, softmax) unless there is one expert. Zeroed heads give 1/2 per
+    sigmoid and 1/n per expert for every input, so :meth:`uniform_total` is
+    ``2 ** -(number of sigmoid heads)``: the experts are scaled by its inverse.
+    """
+
+    sums_to_one = True  # the kernel attention (the only routing that mixes experts and bias) is a softmax
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        taps: int,
+        experts: int,
+        depthwise: bool,
+        hidden: int,
+        temperature: float,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.fc = nn.Linear(in_channels, hidden)
+        self.channel = nn.Linear(hidden, in_channels)
+        self.filter = None if depthwise else nn.Linear(hidden, out_channels)
+        self.spatial = None if taps == 1 else nn.Linear(hidden, taps)
+        self.kernel = None if experts == 1 else nn.Linear(hidden, experts)
+        self.register_buffer("temperature", torch.tensor(float(temperature)))
+
+    def heads(self) -> list[nn.Linear]:
+        """The heads present, in the order ``channel, filter, spatial, kernel``."""
+        return [h for h in (self.channel, self.filter, self.spatial, self.kernel) if h is not None]
+
+    def sigmoid_heads(self) -> int:
+        """How many sigmoid attentions scale the kernel (each gives 1/2 when zeroed)."""
+        return sum(h is not None for h in (self.channel, self.filter, self.spatial))
+
+    def uniform_total(self) -> float:
+        return 0.5 ** self.sigmoid_heads()
+
+    def zero_(self) -> OmniRouter:
+        """Zero every head; ``fc`` keeps random features so the heads get gradients at once."""
+        for head in self.heads():
+            nn.init.zeros_(head.weight)
+            nn.init.zeros_(head.bias)
+        return self
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
+        """``(kernel [B, n], filter [B, C_out] or None, channel [B, C_in], spatial [B, kH*kW] or None)``."""
+        hidden = F.relu(self.fc(global_pool(x)))
+        t = self.temperature.to(hidden.dtype)
+        channel = torch.sigmoid(self.channel(hidden) / t)
+        filt = None if self.filter is None else torch.sigmoid(self.filter(hidden) / t)
+        spatial = None if self.spatial is None else torch.sigmoid(self.spatial(hidden) / t)
+        if self.kernel is None:
+            kernel = torch.ones_like(channel[:, :1])
+        else:
+            kernel = torch.softmax(self.kernel(hidden) / t, dim=1)
+        return kernel, filt, channel, spatial
+
+
+class ODConv2d(DynamicConv2d):
+    """``W(x) = sum_i a_w,i * a_f (.) a_c (.) a_s (.) W_i`` (ODConv); ``experts`` is ``n`` (1: "ODConv 1x").
+
+    Router options: ``reduction`` (16) and ``min_hidden`` (16) give the hidden width
+    ``max(C_in / reduction, min_hidden)``; ``temperature`` (1, the reference's; divides
+    every head's logits, annealed like DyConv's by ``dynconv finetune``).
+
+    Exact at conversion: the heads start at zero, so every sigmoid attention is 1/2 and
+    the kernel attention 1/n for every input. The experts therefore start as
+    ``2**m * (W + eps_i)`` with zero-sum ``eps_i`` and ``m`` the number of sigmoid heads:
+    3 (``8 * (W + eps_i)``) for a dense k x k conv, 2 for a 1x1 conv or a depthwise one, 1
+    for a depthwise 1x1. Copying a trained ``W`` into the reference implementation
+    without that factor gives ``1/2**m`` of the output. The bias is not attended: it is
+    mixed by the kernel attention only, so it starts as the conv's bias, unscaled.
+    """
+
+    kind = "odconv"
+    info = KindInfo(
+        title="ODConv: omni-dimensional dynamic convolution (Li, Zhou, Yao, ICLR 2022)",
+        formula="W(x) = sum_i a_w,i(x) a_f(x) a_c(x) a_s(x) W_i: kernel (softmax over n), output-channel, "
+        "input-channel and spatial (k x k taps) attentions",
+        routing="global average pool -> linear (C_in -> max(C_in/16, 16)) -> ReLU -> heads / temperature: "
+        "sigmoid over C_in, C_out (not depthwise), k x k taps (not 1x1); softmax over the n experts "
+        "(n > 1); no BatchNorm",
+        parameters="n x the conv's kernel, plus C_in x h + h x (C_in + C_out + k^2 + n) for the attention "
+        "(h = max(C_in/16, 16))",
+        speed="one per-sample kernel (the attentions are scales of it) through the shared core: static conv "
+        "cost at batch 1 and for 1x1 convs (batched matmul); k x k convs at larger batches fold the batch into "
+        "conv groups, except ODConv 1x on maps up to 14x14: rescaled im2col and one static GEMM",
+    )
+
+    def __init__(self, *args: Any, standardize: WeightStandardization | None = None, **kwargs: Any) -> None:
+        if standardize is not None:
+            raise ValueError(self.unsupported({"standardize": standardize}))
+        super().__init__(*args, **kwargs)
+        #: The geometry of the conv on an input already padded by hand (TF 'same', padding modes).
+        self._padded_geometry = replace(self._geometry, pad=(0, 0, 0, 0))
+
+    @classmethod
+    def unsupported(cls, options: dict[str, Any]) -> str | None:
+        """ODConv cannot keep a weight standardisation: its attentions rescale the kernel inside it."""
+        if options.get("standardize") is not None:
+            return (
+                "odconv cannot keep this conv's weight standardisation (timm StdConv2d), whose per-sample "
+                "renormalisation would undo the attentions; use another kind for it"
+            )
+        return None
+
+    def _build_router(
+        self,
+        reduction: Annotated[int, Bounds(ge=1)] = 16,
+        min_hidden: Annotated[int, Bounds(ge=1)] = 16,
+        temperature: Annotated[float, Bounds(gt=0)] = 1.0,
+    ) -> OmniRouter:
+        depthwise = self.groups == self.in_channels == self.out_channels
+        taps = self.kernel_size[0] * self.kernel_size[1]
+        hidden = max(self.in_channels // reduction, min_hidden)
+        return OmniRouter(self.in_channels, self.out_channels, taps, self.experts, depthwise, hidden, temperature)
+
+    @classmethod
+    def from_conv(
+        cls,
+        conv: nn.Conv2d,
+        experts: int = 4,
+        *,
+        noise: float = DEFAULT_NOISE,
+        seed: int = 0,
+        padding: Padding | None = None,
+        standardize: WeightStandardization | None = None,
+        **router_options: Any,
+    ) -> ODConv2d:
+        """An ODConv layer computing exactly what ``conv`` computes (see the class docstring for the scale)."""
+        layer = super().from_conv(
+            conv, experts, noise=noise, seed=seed, padding=padding, standardize=standardize, **router_options
+        )
+        if conv.bias is not None:  # the base scaled it with the kernel; the attentions do not touch it
+            with torch.no_grad():
+                layer.bias.copy_(conv.bias.detach().to(layer.bias.dtype).expand_as(layer.bias))
+        return layer  # type: ignore[return-value]
+
+    def forward(self, x: Tensor) -> Tensor:
+        kernel, filt, channel, spatial = self.router(x)
+        if self.capture_routing:
+            parts = [kernel, channel] + [a for a in (filt, spatial) if a is not None]
+            self.last_routing = torch.cat(parts, dim=1).detach()
+        x, padding = self._pad_input(x)
+        by_hand = self.padding == TF_SAME or self.padding_mode != "zeros"  # then ``x`` holds the padding
+        geom = self._padded_geometry if by_hand else self._geometry
+        attentions = (kernel, filt, channel, spatial)
+        out = omni_conv2d(x, self.weight, attentions, self.bias, geom, padding, self.strategy)
+        if self.static_bias is not None:
+            out = out + self.static_bias.to(out.dtype)[:, None, None]
+        return out
