@@ -39,7 +39,10 @@ def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
 
 
-@pytest.mark.parametrize(("name", "kind", "fold"), [("resnet18", "condconv", True), ("mobilenet_v2", "dynet", False)])
+@pytest.mark.parametrize(
+    ("name", "kind", "fold"),
+    [("resnet18", "condconv", True), pytest.param("mobilenet_v2", "dynet", False, marks=pytest.mark.slow)],  # ~1 min
+)
 def test_onnx_export_has_a_dynamic_batch(models, tmp_path, name, kind, fold) -> None:
     model = models[(name, kind)]
     path = tmp_path / "m.onnx"
@@ -234,7 +237,9 @@ def test_cli_export_check_failure_exits_1(tmp_path) -> None:
 # ------------------------------------------------------------------- compile, channels_last
 
 
-@pytest.mark.parametrize(("name", "kind"), [("resnet18", "dyconv"), ("mobilenet_v2", "condconv")])
+@pytest.mark.parametrize(
+    ("name", "kind"), [("resnet18", "dyconv"), pytest.param("mobilenet_v2", "condconv", marks=pytest.mark.slow)]
+)
 def test_torch_compile_gives_the_same_outputs(models, name, kind) -> None:
     model = models[(name, kind)]
     compiled = torch.compile(model)  # one batch size: one compilation (a minute on 2 cores)
