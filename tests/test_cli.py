@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -11,24 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_runner import run
 from network import online
-from typer.testing import CliRunner
 
 import convert
-from convert.cli import app
 
 TESTS = Path(__file__).resolve().parent
-runner = CliRunner()
-
-
-def run(*args: object, cwd: Path | None = None):
-    old = os.getcwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        return runner.invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
 
 
 @pytest.fixture(scope="module")

@@ -4,36 +4,22 @@ messages and plans, and output that reads well on an 80-column terminal."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import convert
-from convert.cli import app
 from convert.cli.render import plain
 
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from cli_runner import run  # noqa: E402
 from digits import write_digits  # noqa: E402
-
-runner = CliRunner()
-
-
-def run(*args: object, cwd: Path | None = None):
-    old = os.getcwd()
-    if cwd is not None:
-        os.chdir(cwd)
-    try:
-        return runner.invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(old)
 
 
 def one_error(result, code: int = 2) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import textwrap
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,16 +144,7 @@ def render_conversion(
     drop = ("experts", "kernel", "params", "kind")
     console.print(fitted_table(console, columns, rows, drop=drop, title=title, title_justify="left"))
     if result.skipped:
-        by_reason: OrderedDict[str, list[str]] = OrderedDict()
-        for record in result.skipped:
-            by_reason.setdefault(record.reason, []).append(record.name)
-        rows = []
-        for reason, names in by_reason.items():
-            shown = ", ".join(names[:4]) + (f", … ({len(names) - 4} more)" if len(names) > 4 else "")
-            rows.append([reason, str(len(names)), shown])
-        columns = [Col("reason"), Col("count", "right"), Col("convs")]
-        title = f"Skipped convs ({len(result.skipped)})"
-        console.print(fitted_table(console, columns, rows, title=title, title_justify="left"))
+        render_reasons(console, result.skipped, f"Skipped convs ({len(result.skipped)})")
         if any(record.default for record in result.skipped):
             console.print(
                 "To convert a conv the default selection skips (stem, 1x1 input, not run): name it exactly "
@@ -200,6 +191,19 @@ def render_conversion(
         console.print(f"wrote {output} ({file_size(size or 0)})", soft_wrap=True, highlight=False, markup=False)
 
 
+def render_reasons(console: Console, records: Sequence[Any], title: str) -> None:
+    """Records with a ``reason`` and a ``name`` as one row per reason: count and the first few names."""
+    by_reason: OrderedDict[str, list[str]] = OrderedDict()
+    for record in records:
+        by_reason.setdefault(record.reason, []).append(record.name)
+    rows = []
+    for reason, names in by_reason.items():
+        shown = ", ".join(names[:4]) + (f", … ({len(names) - 4} more)" if len(names) > 4 else "")
+        rows.append([reason, str(len(names)), shown])
+    columns = [Col("reason"), Col("count", "right"), Col("convs")]
+    console.print(fitted_table(console, columns, rows, title=title, title_justify="left"))
+
+
 def render_sharing(console: Console, plan: SharingPlan) -> None:
     """Shared routing: one row per block whose convs share a router, then the convs that do not, by reason."""
     rows = []
@@ -212,16 +216,7 @@ def render_sharing(console: Console, plan: SharingPlan) -> None:
     title = f"Shared routing ({len(plan.groups)} blocks, one router each)"
     console.print(fitted_table(console, columns, rows, title=title, title_justify="left"))
     if plan.unshared:
-        by_reason: OrderedDict[str, list[str]] = OrderedDict()
-        for record in plan.unshared:
-            by_reason.setdefault(record.reason, []).append(record.name)
-        rows = []
-        for reason, names in by_reason.items():
-            shown = ", ".join(names[:4]) + (f", … ({len(names) - 4} more)" if len(names) > 4 else "")
-            rows.append([reason, str(len(names)), shown])
-        columns = [Col("reason"), Col("count", "right"), Col("convs")]
-        title = f"Own router kept ({len(plan.unshared)})"
-        console.print(fitted_table(console, columns, rows, title=title, title_justify="left"))
+        render_reasons(console, plan.unshared, f"Own router kept ({len(plan.unshared)})")
 
 
 def conversion_json(
