@@ -130,12 +130,14 @@ def dynamic_conv2d(
     if strategy is not None and not applicable(strategy, input.shape[0], geom, modulated):
         what = "a modulated " if modulated else "a "
         raise ValueError(f"strategy {strategy!r} cannot compute {what}{geom.kernel} conv at batch {input.shape[0]}")
-    if not torch.is_autocast_enabled(input.device.type):
+    autocast = torch.is_autocast_enabled(input.device.type)
+    if not autocast:
         routing = routing.to(weight.dtype)
         terms = KernelTerms(
             tuple(m.to(weight.dtype) for m in modulation), None if offset is None else offset.to(weight.dtype)
         )
-    if not modulated and use_opaque_op(input.shape[0], needs_grad, strategy):
+    # the opaque op takes plain calls with matching dtypes; kernel terms and autocast stay traced
+    if not (modulated or autocast) and use_opaque_op(input.shape[0], needs_grad, strategy):
         return call_opaque(input, weight, routing, bias, geom)
     out = run_core(input, weight, routing, bias, geom, needs_grad, strategy, terms)
     if strategies.is_channels_last(input):
