@@ -13,3 +13,14 @@ def _seed_and_threads():
     torch.manual_seed(0)
     torch.set_num_threads(2)
     yield
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """Original resnet18 weights, as a user's training run would have saved them."""
+    import convert
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
+    torch.save(convert.build_model("resnet18").state_dict(), path)
+    return path

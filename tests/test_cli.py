@@ -19,15 +19,6 @@ TESTS = Path(__file__).resolve().parent
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    """Original resnet18 weights, as a user's training run would have saved them."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
-    torch.save(convert.build_model("resnet18").state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, weights) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "r18.safetensors"
     result = run(

@@ -45,13 +45,10 @@ def make_conv(spec, seed: int = 0) -> nn.Conv2d:
     return conv
 
 
-@pytest.mark.parametrize("spec", CONV_GRID, ids=GRID_IDS)
-@pytest.mark.parametrize("cls", KINDS, ids=KIND_IDS)
-def test_from_conv_computes_the_same_function(cls: type[DynamicConv2d], spec) -> None:
-    conv = make_conv(spec)
-    layer = cls.from_conv(conv, experts=4, seed=3)
+def assert_same_function(layer: nn.Module, conv: nn.Conv2d) -> None:
+    """``layer`` computes what ``conv`` computes: batch 3 and 1, eval and train, contiguous and channels_last."""
     for batch, size in ((3, 11), (1, 9)):
-        x = torch.randn(batch, spec[0], size, size + 2) * 3
+        x = torch.randn(batch, conv.in_channels, size, size + 2) * 3
         for train in (False, True):
             conv.train(train)
             layer.train(train)
@@ -59,6 +56,14 @@ def test_from_conv_computes_the_same_function(cls: type[DynamicConv2d], spec) ->
             assert close_enough(layer(x), expected), f"batch={batch} train={train}"
             x_cl = x.contiguous(memory_format=torch.channels_last)
             assert close_enough(layer(x_cl), expected), "channels_last"
+
+
+@pytest.mark.parametrize("spec", CONV_GRID, ids=GRID_IDS)
+@pytest.mark.parametrize("cls", KINDS, ids=KIND_IDS)
+def test_from_conv_computes_the_same_function(cls: type[DynamicConv2d], spec) -> None:
+    conv = make_conv(spec)
+    layer = cls.from_conv(conv, experts=4, seed=3)
+    assert_same_function(layer, conv)
 
 
 @pytest.mark.parametrize("cls", KINDS, ids=KIND_IDS)

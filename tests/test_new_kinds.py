@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from reference import close_enough
-from test_layers import CONV_GRID, GRID_IDS, make_conv
+from test_layers import CONV_GRID, GRID_IDS, assert_same_function, make_conv
 from timm.layers import Conv2dSame, ScaledStdConv2d, StdConv2d, StdConv2dSame
 from timm.layers.conv2d_same import conv2d_same
 from torch import nn
@@ -110,15 +110,7 @@ def conv_for(spec) -> nn.Conv2d:
 def test_from_conv_is_exact_and_then_follows_the_formula(kind, experts, spec) -> None:
     conv = conv_for(spec)
     layer = build(kind, conv, experts)
-    for batch, size in ((3, 11), (1, 9)):
-        x = torch.randn(batch, conv.in_channels, size, size + 2) * 3
-        for train in (False, True):
-            conv.train(train)
-            layer.train(train)
-            expected = conv(x)
-            assert close_enough(layer(x), expected), f"batch={batch} train={train}"
-            x_cl = x.contiguous(memory_format=torch.channels_last)
-            assert close_enough(layer(x_cl), expected), "channels_last"
+    assert_same_function(layer, conv)
     randomize_router(layer)
     x = torch.randn(3, conv.in_channels, 11, 13) + torch.linspace(-1, 1, 3).view(3, 1, 1, 1)
     with torch.no_grad():

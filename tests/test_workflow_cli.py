@@ -36,14 +36,6 @@ def digits(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "resnet18.pth"
-    torch.save(convert.build_model("resnet18").state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def imagenet_checkpoint(tmp_path_factory) -> Path:
     """A 1000-class resnet18 converted at 32x32 (what a user has before fine-tuning on their classes)."""
     path = tmp_path_factory.mktemp("ckpt") / "r18.safetensors"
