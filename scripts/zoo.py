@@ -362,7 +362,7 @@ def main() -> None:
         results[model] = sweep_one(
             model[0], model[1], kinds, args.size, args.timeout, args.memory_gib, args.max_conv_params
         )
-        if args.merge:  # say which rows ran with other limits than the sweep's header states
+        if args.merge and args.models:  # say which rows ran with other limits than the sweep's header states
             alone = f"re-run alone with {args.memory_gib:g} GiB and {args.timeout} s"
             for r in results[model]:
                 key = "error" if "error" in r else "note"
