@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import CondConv2d as TimmCondConv2d
 
+from dynconv.choice import applicable
 from dynconv.functional import dynamic_conv2d, select_strategy
 from dynconv.geometry import ConvGeometry
-from dynconv.strategies import applicable
 
 EXPERTS = 4
 RESULTS = Path(__file__).parent / "results" / "core.md"

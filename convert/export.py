@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 import dynconv
-from dynconv import strategies
+from dynconv import choice
 
 from .errors import UserError, WorkFailedError, check_output_path, first_line
 from .folding import FoldResult, fold_batchnorm
@@ -134,7 +134,7 @@ def _forms_for_batch(model: nn.Module, batch: int | None) -> Iterator[None]:
 def _trace(
     model: nn.Module, example: torch.Tensor, opset: int | None, batch: int | None
 ) -> tuple[torch.onnx.ONNXProgram, list[str]]:
-    with _forms_for_batch(model, batch), strategies.record_strategies() as chosen, warnings.catch_warnings():
+    with _forms_for_batch(model, batch), choice.record_strategies() as chosen, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(

@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import strategies
+from . import choice, strategies
+from .choice import applicable, strategy_scope
 from .geometry import ConvGeometry, IntPair, Padding
 from .opaque import call_opaque, use_opaque_op
-from .strategies import EXPORTABLE_STRATEGIES, STRATEGIES, KernelTerms, applicable, strategy_scope
+from .strategies import EXPORTABLE_STRATEGIES, STRATEGIES, KernelTerms
 
 __all__ = ["EXPORTABLE_STRATEGIES", "STRATEGIES", "dynamic_conv2d", "select_strategy", "strategy_scope"]
 
@@ -65,7 +66,7 @@ def select_strategy(
     batch, c_in, height, width = input.shape
     out_hw = geom.output_size(height, width)
     kernel_bytes = weight[0].numel() * weight.element_size()
-    return strategies.choose(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, weight.shape[0], modulated)
+    return choice.choose(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, weight.shape[0], modulated)
 
 
 def _check_modulation(modulation: tuple[Tensor, ...], input: Tensor, weight: Tensor) -> None:
@@ -159,6 +160,6 @@ def run_core(
     modulated = terms is not None and bool(terms)
     if strategy is None:
         strategy = select_strategy(input, weight, geom, needs_grad, modulated)
-    strategies.note_strategy(strategy)
+    choice.note_strategy(strategy)
     fn = STRATEGIES[strategy]
     return fn(input, weight, routing, bias, geom, terms) if modulated else fn(input, weight, routing, bias, geom)

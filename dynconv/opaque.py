@@ -1,7 +1,7 @@
 """The core as one opaque op for ``torch.compile`` at inference.
 
 Traced by dynamo, the core must pick a form that serves every batch size (no
-per-sample kernel, see :func:`dynconv.strategies.serves_any_batch`), and those forms
+per-sample kernel, see :func:`dynconv.choice.serves_any_batch`), and those forms
 cost 2-8x the eager ones at batch 16. Behind a ``torch.library`` custom op with a
 fake kernel, the compiled graph keeps a dynamic batch and never recompiles, while
 the op itself runs eagerly and picks the fastest strategy for the batch it gets.
@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .choice import serves_any_batch
 from .geometry import ConvGeometry
-from .strategies import is_channels_last, serves_any_batch
+from .strategies import is_channels_last
 
 __all__ = ["call_opaque", "dynamic_conv2d_op", "use_opaque_op"]
 

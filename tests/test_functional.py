@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from reference import per_sample_conv
 
-from dynconv import strategies
+from dynconv import choice, strategies
 from dynconv.functional import STRATEGIES, dynamic_conv2d, select_strategy, strategy_scope
 from dynconv.geometry import ConvGeometry
 
@@ -93,7 +93,7 @@ def make_tensors(cfg: Config, dtype: torch.dtype = torch.float32, seed: int = 0)
 
 def usable_strategies(cfg: Config) -> list[str | None]:
     geom = ConvGeometry.build(cfg.kernel, cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
-    return [None] + [s for s in STRATEGIES if strategies.applicable(s, cfg.batch, geom)]
+    return [None] + [s for s in STRATEGIES if choice.applicable(s, cfg.batch, geom)]
 
 
 def grads(fn, tensors, upstream):
@@ -160,7 +160,7 @@ def test_gradcheck_float64(case) -> None:
     r = torch.rand(r_shape, dtype=torch.float64, requires_grad=True)
     b = torch.randn(experts, c_out, dtype=torch.float64, requires_grad=True) if bias else None
     geom = ConvGeometry.build((k, k), stride, padding, 1, groups)
-    for strategy in [s for s in STRATEGIES if strategies.applicable(s, batch, geom)]:
+    for strategy in [s for s in STRATEGIES if choice.applicable(s, batch, geom)]:
         inputs = (x, w, r) if b is None else (x, w, r, b)
 
         def fn(*t, s=strategy):
