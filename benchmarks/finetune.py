@@ -1,11 +1,12 @@
-"""Fine-tuning benchmark on real data: static ResNet-18 vs its DyConv conversion, same steps.
+"""Fine-tuning benchmark on real data: a static ResNet-18 against its conversion to every kind, same steps.
 
 Trains a static torchvision ResNet-18 (10 classes) from scratch on scikit-learn's
-handwritten digits (1,797 real 8x8 scans upsampled to 32x32 RGB), converts it,
-checks the converted model makes the same predictions, then fine-tunes both for
-the same number of steps and writes both curves to ``benchmarks/results/finetune.md``.
+handwritten digits (1,797 real 8x8 scans upsampled to 32x32 RGB), converts it to each
+kind, checks each converted model makes the same predictions, then fine-tunes the
+static model and every conversion for the same number of steps (same data order) and
+writes the curves to ``benchmarks/results/finetune.md``.
 
-    python benchmarks/finetune.py [--pre-epochs 4] [--epochs 8]
+    python benchmarks/finetune.py [--pre-epochs 4] [--epochs 4] [--kinds condconv:4 dcd:1 ...]
 """
 
 from __future__ import annotations
@@ -33,17 +34,21 @@ def _history_row(h: dict) -> str:
     return f"| {h['epoch']} | {h['train_loss']:.4f} | {h['train_acc']:.4f} | {h['val_loss']:.4f} | {h['val_acc']:.4f} |"
 
 
+KINDS = ("condconv:4", "dyconv:4", "dynet:4", "dcd:1", "odconv:1", "odconv:4")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pre-epochs", type=int, default=4, help="static training before conversion")
-    parser.add_argument("--epochs", type=int, default=8, help="fine-tuning epochs for both models")
-    parser.add_argument("--kind", default="dyconv")
-    parser.add_argument("--experts", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs for every model")
+    parser.add_argument("--kinds", nargs="*", default=list(KINDS), help="kind:experts entries")
     parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    runs, after = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         root = write_digits(Path(tmp) / "digits", size=32)
         train_set, val_set, classes = image_folder_splits(root, 32, 0.2, seed=0)
@@ -53,36 +58,42 @@ def main() -> None:
         static = convert.build_model("resnet18", num_classes=classes)
         pre = train_model(static, train_set, val_set, TrainConfig(epochs=args.pre_epochs, lr=0.05, val_fraction=0.2))
         static_loss, static_acc, static_pred = evaluate(static, val_loader)
-
-        result = convert.convert_model(static, kind=args.kind, experts=args.experts, input_size=32)
-        conv_loss, conv_acc, conv_pred = evaluate(result.model, val_loader)
-        same = int((static_pred == conv_pred).sum())
-        checkpoint = convert.save_checkpoint(result, Path(tmp) / "converted.safetensors")
-
         config = TrainConfig(epochs=args.epochs, lr=args.lr, val_fraction=0.2, temperature_epochs=args.epochs / 2)
-        static_run = train_model(copy.deepcopy(static), train_set, val_set, config)
-        dynamic_run = finetune(checkpoint, root, Path(tmp) / "finetuned.safetensors", config)
+        runs["static"] = train_model(copy.deepcopy(static), train_set, val_set, config).history
+        print(f"static: {runs['static'][-1]}", flush=True)
+
+        for entry in args.kinds:
+            kind, experts = entry.split(":")
+            label = f"{kind} n={experts}" if kind == "odconv" else kind
+            result = convert.convert_model(static, kind=kind, experts=int(experts), input_size=32)
+            loss, acc, pred = evaluate(result.model, val_loader)
+            after[label] = (loss, acc, int((static_pred == pred).sum()), len(result.layers))
+            checkpoint = convert.save_checkpoint(result, Path(tmp) / f"{kind}-{experts}.safetensors")
+            runs[label] = finetune(checkpoint, root, Path(tmp) / f"{kind}-{experts}-tuned.safetensors", config).history
+            print(f"{label}: after conversion {after[label]}, last epoch {runs[label][-1]}", flush=True)
 
     minutes = (time.perf_counter() - start) / 60
     lines = [
-        "# Fine-tuning benchmark: static ResNet-18 vs its conversion",
+        "# Fine-tuning benchmark: static ResNet-18 against its conversion to every kind",
         "",
         f"Data: scikit-learn digits (1,797 real scans), 32x32 RGB, 80/20 split ({len(train_set)} train, "
         f"{len(val_set)} val). Static torchvision ResNet-18 (10 classes) trained from scratch for "
-        f"{args.pre_epochs} epochs (SGD lr 0.05), then converted to {args.kind} K={args.experts} "
-        f"({len(result.layers)} convs; {len(result.skipped)} left static: the stem and the convs whose input is "
-        f"1x1 at this resolution). Both fine-tuned for {args.epochs} epochs with the same SGD settings "
-        f"(lr {args.lr}, momentum 0.9, batch 64, same data order); DyConv temperature annealed 30 → 1 over "
-        f"the first {args.epochs / 2:g} epochs. {minutes:.1f} min on 2 cores. Rerun: `python benchmarks/finetune.py`.",
+        f"{args.pre_epochs} epochs (SGD lr 0.05), then converted to each kind (CondConv, DyConv and DyNet with 4 "
+        "experts; default selection: the stem and the convs whose input is 1x1 at this resolution stay static). "
+        "The static model and every conversion "
+        f"fine-tuned for {args.epochs} epochs with the same SGD settings (lr {args.lr}, momentum 0.9, batch 64, "
+        f"same data order); temperatures (DyConv, ODConv) annealed 30 → 1 over the first {args.epochs / 2:g} "
+        f"epochs. {minutes:.1f} min on {args.threads} threads. Rerun: `python benchmarks/finetune.py`.",
         "",
         "## Right after conversion",
         "",
-        "| model | val loss | val accuracy |",
-        "|---|---|---|",
-        f"| static | {static_loss:.4f} | {static_acc:.4f} |",
-        f"| converted ({args.kind}) | {conv_loss:.4f} | {conv_acc:.4f} |",
-        "",
-        f"Same prediction on {same} of {len(static_pred)} validation images.",
+        "| model | converted convs | val loss | val accuracy | same prediction as static |",
+        "|---|---|---|---|---|",
+        f"| static | — | {static_loss:.4f} | {static_acc:.4f} | — |",
+        *[
+            f"| {label} | {n} | {loss:.4f} | {acc:.4f} | {same} / {len(static_pred)} |"
+            for label, (loss, acc, same, n) in after.items()
+        ],
         "",
         "## Static training before conversion",
         "",
@@ -90,17 +101,14 @@ def main() -> None:
         "|---|---|---|---|---|",
         *[_history_row(h) for h in pre.history],
         "",
-        "## Fine-tuning, same steps",
+        "## Fine-tuning, same steps: validation accuracy (train loss) per epoch",
         "",
-        "| epoch | static train loss | static val acc | converted train loss | converted val acc | temperature |",
-        "|---|---|---|---|---|---|",
+        "| epoch | " + " | ".join(runs) + " |",
+        "|---" * (len(runs) + 1) + "|",
     ]
-    for s, d in zip(static_run.history, dynamic_run.history, strict=True):
-        temp = "—" if d["temperature"] is None else f"{d['temperature']:.1f}"
-        lines.append(
-            f"| {s['epoch']} | {s['train_loss']:.4f} | {s['val_acc']:.4f} | {d['train_loss']:.4f} "
-            f"| {d['val_acc']:.4f} | {temp} |"
-        )
+    for epoch in range(args.epochs):
+        cells = [f"{runs[label][epoch]['val_acc']:.4f} ({runs[label][epoch]['train_loss']:.3f})" for label in runs]
+        lines.append(f"| {epoch + 1} | " + " | ".join(cells) + " |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -29,6 +29,10 @@ from convert.counting import count_macs, count_params
 #: (label, kind, experts)
 VARIANTS = (("condconv K=4", "condconv", 4), ("dcd", "dcd", 1), ("odconv 1x", "odconv", 1), ("odconv 4x", "odconv", 4))
 RESULTS = Path(__file__).parent / "results" / "kinds.md"
+#: Parameters the ODConv authors' README reports (r = 1/16): model -> (static, 1x, 4x), in millions.
+ODCONV_REPORTED = {"resnet18": (11.69, 11.94, 44.90), "mobilenet_v2": (3.50, 4.94, 11.51)}
+#: Where their placement differs from the default selection: ResNet-18's 1x1 downsample convs stay static.
+ODCONV_PLACEMENT = {"resnet18": ["*downsample*"], "mobilenet_v2": []}
 SIZE = 224
 
 
@@ -98,9 +102,37 @@ def table(name: str, times: dict, totals: dict, batches: list[int]) -> list[str]
     return [*lines, ""]
 
 
+def odconv_placement() -> list[str]:
+    """Our ODConv parameter counts beside the authors', with the default selection and with theirs."""
+    lines = [
+        "### ODConv parameters against the authors' README",
+        "",
+        "| model | selection | static | ODConv 1x | ODConv 4x | authors: static / 1x / 4x |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, reported in ODCONV_REPORTED.items():
+        placements = {"default": []}
+        if ODCONV_PLACEMENT[name]:
+            placements["exclude " + ", ".join(f"`{p}`" for p in ODCONV_PLACEMENT[name])] = ODCONV_PLACEMENT[name]
+        for label, exclude in placements.items():
+            torch.manual_seed(0)
+            static = torchvision.models.get_model(name)
+            counts = [
+                count_params(
+                    convert.convert_model(static, kind="odconv", experts=n, exclude=exclude, input_size=64).model
+                )
+                for n in (1, 4)
+            ]
+            lines.append(
+                f"| {name} | {label} | {count_params(static) / 1e6:.2f}M | {counts[0] / 1e6:.2f}M "
+                f"| {counts[1] / 1e6:.2f}M | {' / '.join(f'{r:.2f}M' for r in reported)} |"
+            )
+    return [*lines, ""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="*", default=["resnet18", "mobilenet_v2"])
+    parser.add_argument("--models", nargs="*", default=["resnet18", "mobilenet_v2", "efficientnet_b0"])
     parser.add_argument("--batches", nargs="*", type=int, default=[1, 16])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--budget", type=float, default=0.25, help="seconds per method per round")
@@ -111,6 +143,7 @@ def main() -> None:
     for name in args.models:
         times, totals = measure(name, args.batches, args.rounds, args.budget)
         sections += table(name, times, totals, args.batches)
+    sections += odconv_placement()
     minutes = (time.perf_counter() - start) / 60
     header = [
         "# DCD and ODConv: speed, parameters, MACs",

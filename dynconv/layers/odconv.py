@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .. import strategies
+from .. import choice, strategies
 from ..experts import DEFAULT_NOISE
 from ..functional import dynamic_conv2d
 from ..geometry import ConvGeometry, Padding
@@ -30,6 +30,17 @@ from .spec import Bounds, KindInfo
 #: ODConv 1x on k x k maps up to this many output pixels: rescaled im2col and one static GEMM
 #: beat per-sample kernels (scaled, then folded into conv groups at batch > 1).
 RESCALED_MAX_PIXELS = 14 * 14
+
+
+def attend_output(out: Tensor, filt: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``a_f * out + bias`` on a ``[B, C_out, H, W]`` output, in one pass when both are present."""
+    if filt is not None and bias is not None:
+        return torch.addcmul(bias[:, :, None, None].to(out.dtype), out, filt[:, :, None, None].to(out.dtype))
+    if filt is not None:
+        return out * filt[:, :, None, None].to(out.dtype)
+    if bias is not None:
+        return out + bias[:, :, None, None].to(out.dtype)
+    return out
 
 
 def rescaled_im2col(
@@ -45,7 +56,8 @@ def rescaled_im2col(
 
     With one expert the attentions over input channels and taps scale the im2col
     columns and the one over output channels scales the result, so the kernel stays
-    static and every sample shares one GEMM (``groups == 1``; ``x`` unpadded).
+    static and every sample shares one GEMM (``groups == 1``; ``x`` unpadded; ``bias``
+    per sample, ``[B, C_out]``).
     """
     x = F.pad(x, geom.pad) if any(geom.pad) else x
     left, right, top, bottom = geom.pad
@@ -53,13 +65,7 @@ def rescaled_im2col(
     cols = F.unfold(x, geom.kernel, dilation=geom.dilation, stride=geom.stride)  # [B, C_in * kk, L]
     scale = (channel.unsqueeze(2) * spatial.unsqueeze(1)).reshape(channel.shape[0], -1, 1)
     out = torch.matmul(weight.reshape(weight.shape[1], -1), cols * scale.to(cols.dtype))  # [B, C_out, L]
-    if filt is not None and bias is not None:
-        out = torch.addcmul(bias.reshape(1, -1, 1).to(out.dtype), out, filt.unsqueeze(2).to(out.dtype))
-    elif filt is not None:
-        out = out * filt.unsqueeze(2).to(out.dtype)
-    elif bias is not None:
-        out = out + bias.reshape(1, -1, 1).to(out.dtype)
-    return out.reshape(out.shape[0], out.shape[1], h_out, w_out)
+    return attend_output(out.reshape(out.shape[0], out.shape[1], h_out, w_out), filt, bias)
 
 
 def kernel_factors(
@@ -79,6 +85,27 @@ def kernel_factors(
     return (factor, spatial.reshape(-1, 1, 1, weight.shape[3], weight.shape[4]))
 
 
+def attends_maps(x: Tensor, weight: Tensor, geom: ConvGeometry, spatial: Tensor | None) -> bool:
+    """Whether the channel attentions scale the input and output maps rather than the kernel.
+
+    On the maps they cost ``C_in H W + C_out H' W'`` multiplications per sample, in the
+    kernel ``C_out C_in/g kH kW`` (plus the kernel's per-sample copy): the maps win on small
+    maps with wide kernels. With one expert and no spatial attention (a 1x1 ODConv 1x)
+    nothing per sample is left in the kernel then, so at batch > 1 every sample shares
+    one static conv: the maps always win there. Depthwise kernels (one input channel per
+    group) are always the smaller.
+    """
+    experts, c_out, per_group, kh, kw = weight.shape
+    if per_group == 1:
+        return False
+    h_out, w_out = geom.output_size(x.shape[-2], x.shape[-1])
+    maps = x.shape[1] * x.shape[2] * x.shape[3] + c_out * h_out * w_out
+    if maps < c_out * per_group * kh * kw:
+        return True
+    batch = x.shape[0]
+    return experts == 1 and spatial is None and (choice.serves_any_batch(batch) or batch > 1)
+
+
 def omni_conv2d(
     x: Tensor,
     weight: Tensor,
@@ -88,17 +115,32 @@ def omni_conv2d(
     padding: Padding,
     strategy: str | None,
 ) -> Tensor:
-    """The ODConv convolution: the shared core with the attentions as kernel factors, or, for
-    ODConv 1x on small maps (where the im2col columns are fewer than the kernel's weights), a
-    rescaled im2col with the static kernel."""
+    """The ODConv convolution, the cheapest exact way for the shape (``strategy=None``).
+
+    ODConv 1x on small maps (where the im2col columns are fewer than the kernel's
+    weights): a rescaled im2col with the static kernel. Where the maps are cheaper to
+    scale than the kernel (:func:`attends_maps`): the input scaled by ``a_c``, the
+    core with only the kernel and spatial attentions (none left: a static conv), the
+    output scaled by ``a_f``. Otherwise, and for a forced ``strategy``, the shared core
+    with every attention as a kernel factor.
+    """
     kernel, filt, channel, spatial = attentions
     if strategy is None and weight.shape[0] == 1 and geom.groups == 1 and spatial is not None:
         h_out, w_out = geom.output_size(x.shape[-2], x.shape[-1])
         if h_out * w_out <= RESCALED_MAX_PIXELS:
-            strategies.note_strategy("rescaled")
-            return rescaled_im2col(x, weight, channel, spatial, filt, None if bias is None else bias[0], geom)
-    factors = kernel_factors(filt, channel, spatial, weight, geom.groups)
+            choice.note_strategy("rescaled")
+            return rescaled_im2col(x, weight, channel, spatial, filt, strategies.mix_bias(bias, kernel), geom)
     conv_args = (geom.stride, padding, geom.dilation, geom.groups)
+    if strategy is None and attends_maps(x, weight, geom, spatial):
+        x = x * channel[:, :, None, None].to(x.dtype)
+        if weight.shape[0] == 1 and spatial is None:
+            choice.note_strategy("static")
+            out = strategies.plain_conv(x, weight[0], None, geom, geom.groups)
+        else:
+            taps = () if spatial is None else (spatial.reshape(-1, 1, 1, weight.shape[3], weight.shape[4]),)
+            out = dynamic_conv2d(x, weight, kernel, None, *conv_args, modulation=taps)
+        return attend_output(out, filt, strategies.mix_bias(bias, kernel))
+    factors = kernel_factors(filt, channel, spatial, weight, geom.groups)
     return dynamic_conv2d(x, weight, kernel, bias, *conv_args, strategy=strategy, modulation=factors)
 
 
