@@ -11,7 +11,7 @@ import typer
 from ..checkpoint import load_checkpoint, read_metadata
 from ..export import export_onnx
 from ..models import build_model
-from . import render
+from . import render_files
 from .common import Debug, Json, UsageError, check_output, command, out, step, steps
 
 
@@ -73,6 +73,6 @@ def export_cmd(
             ),
         )
     if as_json:
-        print(json.dumps(render.export_json(result), indent=2))
+        print(json.dumps(render_files.export_json(result), indent=2))
     else:
-        render.render_export(out, result)
+        render_files.render_export(out, result)

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from ..checkpoint import read_metadata, tensor_shapes
-from . import render
+from . import render_files
 from .common import Debug, Json, command, out
 
 
@@ -24,6 +24,6 @@ def inspect_cmd(
     shapes = tensor_shapes(checkpoint)
     size = checkpoint.stat().st_size
     if as_json:
-        print(json.dumps(render.checkpoint_json(str(checkpoint), meta, shapes, size), indent=2))
+        print(json.dumps(render_files.checkpoint_json(str(checkpoint), meta, shapes, size), indent=2))
     else:
-        render.render_checkpoint(out, str(checkpoint), meta, shapes, size)
+        render_files.render_checkpoint(out, str(checkpoint), meta, shapes, size)

@@ -1,4 +1,5 @@
-"""Everything the CLI shows: rich tables and plain text for people, plain dicts for ``--json``.
+"""What the CLI shows about a conversion, recipes, kinds and training: rich tables and plain
+text for people, plain dicts for ``--json`` (files: :mod:`convert.cli.render_files`).
 
 Big models are collapsed: above ``COLLAPSE_AT`` converted layers, rows are grouped by
 the first two parts of their names (``layer3.1``, ``features.7``), and skipped convs
@@ -12,16 +13,12 @@ import textwrap
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
 from ..converter import ConversionResult, LayerRecord
-from ..export import ExportResult
 from ..recipe import Recipe
 from ..sharing import SharingPlan
 from ..verify import Comparison
@@ -243,163 +240,6 @@ def conversion_json(
         "file_size": size,
         "dry_run": dry_run,
     }
-
-
-def checkpoint_layers(meta: dict[str, Any], shapes: dict[str, list[int]]) -> list[dict[str, Any]]:
-    """Per converted layer of a checkpoint: names, kind, options, kernel shape and parameters."""
-    rows = []
-    for record in meta["layers"]:
-        prefix = record["names"][0] + "."
-        weight = shapes.get(prefix + "weight", [])
-        params = sum(_numel(s) for name, s in shapes.items() if name.startswith(prefix))
-        rows.append(
-            {
-                "name": record["names"][0],
-                "aliases": record["names"][1:],
-                "kind": record["kind"],
-                "options": record["options"],
-                "weight_shape": weight,
-                "params": params,
-            }
-        )
-    return rows
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
-def render_checkpoint(
-    console: Console, path: str, meta: dict[str, Any], shapes: dict[str, list[int]], size: int
-) -> None:
-    base = meta["base"]
-    kwargs = ", ".join(f"{k}={v!r}" for k, v in base.get("kwargs", {}).items())
-    info = Table(show_header=False, title=f"{path}", title_justify="left")
-    info.add_column("what")
-    info.add_column("value")
-    info.add_row("base model", f"{base['source']}:{base['name']}" + (f"({kwargs})" if kwargs else ""))
-    info.add_row("format", str(meta["format_version"]))
-    info.add_row("file size", file_size(size))
-    info.add_row("tensors", f"{len(shapes)} ({human(sum(_numel(s) for s in shapes.values()))} values)")
-    info.add_row("converted layers", str(len(meta["layers"])))
-    if meta.get("head"):
-        info.add_row("new head", f"{meta['head']['num_classes']} classes ({', '.join(meta['head']['layers'])})")
-    if meta.get("sharing"):
-        shared = sum(len(g["layers"]) for g in meta["sharing"])
-        info.add_row("shared routing", f"{len(meta['sharing'])} blocks, one router each ({shared} layers)")
-    info.add_row("written with", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()))
-    info.add_row("digest", f"{meta['digest']['algorithm']} {meta['digest']['value'][:16]}…")
-    console.print(info)
-    records = checkpoint_layers(meta, shapes)
-    rows = []
-    for row in records[:COLLAPSE_AT]:
-        options = {k: v for k, v in row["options"].items() if k != "experts"}
-        rows.append(
-            [
-                row["name"],
-                row["kind"],
-                str(row["options"]["experts"]),
-                "x".join(map(str, row["weight_shape"])),
-                human(row["params"]),
-                ", ".join(f"{k}={v}" for k, v in options.items()),
-            ]
-        )
-    columns = [Col("layer", whole=True), Col("kind"), Col("experts", "right"), Col("weight"), Col("params", "right")]
-    columns.append(Col("options"))
-    drop = ("options", "weight", "params")
-    console.print(fitted_table(console, columns, rows, drop=drop, title="Converted layers", title_justify="left"))
-    if len(records) > COLLAPSE_AT:
-        console.print(f"… {len(records) - COLLAPSE_AT} more (--json lists all)", highlight=False, markup=False)
-
-
-def checkpoint_json(path: str, meta: dict[str, Any], shapes: dict[str, list[int]], size: int) -> dict[str, Any]:
-    """``dynconv inspect --json``: the metadata, the file's size and tensor count, and the layers."""
-    layers = checkpoint_layers(meta, shapes)
-    return {**meta, "path": path, "file_size": size, "tensors": len(shapes), "layers": layers}
-
-
-def verification_json(checkpoint: Path, y: torch.Tensor, check: Comparison | None) -> dict[str, Any]:
-    """``dynconv verify --json``: digest, load, forward and (optionally) the comparison."""
-    return {
-        "checkpoint": str(checkpoint),
-        "digest": "ok",
-        "loads": True,
-        "output_shape": list(y.shape),
-        "finite": bool(torch.isfinite(y).all()),
-        "comparison": None if check is None else {**check.__dict__, "ok": check.ok},
-    }
-
-
-def render_verification(
-    console: Console,
-    checkpoint: Path,
-    meta: dict[str, Any],
-    size: tuple[int, int],
-    y: torch.Tensor,
-    check: Comparison | None,
-) -> None:
-    """``dynconv verify``: one row per check."""
-    table = Table(show_header=False, title=f"verify {checkpoint}", title_justify="left")
-    table.add_column("check")
-    table.add_column("result")
-    table.add_row("digest", "ok")
-    table.add_row(
-        "rebuilt and loaded", f"{meta['base']['source']}:{meta['base']['name']}, {len(meta['layers'])} dynamic layers"
-    )
-    verdict = "finite" if bool(torch.isfinite(y).all()) else "NOT FINITE"
-    table.add_row(f"forward at {size[0]}x{size[1]}", f"output {tuple(y.shape)}, {verdict}")
-    if check is not None:
-        given = " (the original given this checkpoint's new head)" if meta.get("head") else ""
-        verdict = "ok" if check.within_tolerance else "OUT OF TOLERANCE"
-        table.add_row(
-            "vs original weights",
-            f"max difference {check.max_rel:.2e} relative — {verdict}{given}",
-        )
-    console.print(table)
-
-
-def export_json(result: ExportResult) -> dict[str, Any]:
-    """``dynconv export --json``: the file, its input, the checks and the folding."""
-    folded = result.folded
-    return {
-        "path": str(result.path),
-        "file_size": result.path.stat().st_size,
-        "input_shape": ["batch" if result.batch is None else result.batch, *result.input_shape],
-        "batch": "dynamic" if result.batch is None else result.batch,
-        "strategies": result.strategies,
-        "opset": result.opset,
-        "checks": [c.__dict__ for c in result.checks],
-        "folded_batchnorm": None if folded is None else [p.__dict__ for p in folded.folded],
-        "unfolded_batchnorm": None if folded is None else [s.__dict__ for s in folded.skipped],
-        "seconds": round(result.seconds, 1),
-    }
-
-
-def render_export(console: Console, result: ExportResult) -> None:
-    """``dynconv export``: the file, its input, the folding and each ONNX Runtime check."""
-    table = Table(show_header=False, title=f"export {result.path}", title_justify="left")
-    table.add_column("item")
-    table.add_column("value")
-    batch = "batch" if result.batch is None else str(result.batch)
-    table.add_row("input", escape(f"[{batch}, {', '.join(map(str, result.input_shape))}] float32"))
-    forms = ", ".join(f"{name} {count}" for name, count in sorted(result.strategies.items()))
-    table.add_row(
-        "dynamic layers as", f"{forms or 'none'} ({'any batch' if result.batch is None else 'this batch only'})"
-    )
-    table.add_row("file", f"{result.path.stat().st_size / 2**20:.1f} MiB, opset {result.opset}")
-    if result.folded is not None:
-        kept = f", {len(result.folded.skipped)} left in place" if result.folded.skipped else ""
-        table.add_row("BatchNorm folded", f"{len(result.folded.folded)}{kept}")
-    for check in result.checks:
-        verdict = "ok" if check.ok else "OUT OF TOLERANCE"
-        table.add_row(
-            f"onnxruntime, batch {check.batch}",
-            f"max difference {check.max_abs:.2e} ({check.max_rel:.2e} relative) — {verdict}",
-        )
-    console.print(table)
 
 
 def epoch_line(log: EpochLog, epochs: int) -> str:

@@ -15,7 +15,7 @@ from ..heads import copy_head, replace_head
 from ..models import ModelSource, build_model
 from ..verify import compare, output
 from ..weights import load_weights
-from . import render
+from . import render_files
 from .common import Debug, Json, UsageError, command, out, tolerance_error
 
 
@@ -49,11 +49,11 @@ def verify_cmd(
             replace_head(original, int(meta["head"]["num_classes"]))
             copy_head(original, loaded, meta["head"]["layers"])
         check = compare(original.eval(), loaded, x)
-    report = render.verification_json(checkpoint, y, check)
+    report = render_files.verification_json(checkpoint, y, check)
     if as_json:
         print(json.dumps(report, indent=2))
     else:
-        render.render_verification(out, checkpoint, meta, (height, width), y, check)
+        render_files.render_verification(out, checkpoint, meta, (height, width), y, check)
     if not report["finite"]:
         raise WorkFailedError("the rebuilt model produces non-finite outputs")
     if check is not None and not check.within_tolerance:
