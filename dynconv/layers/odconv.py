@@ -133,9 +133,9 @@ def omni_conv2d(
     conv_args = (geom.stride, padding, geom.dilation, geom.groups)
     if strategy is None and attends_maps(x, weight, geom, spatial):
         x = x * channel[:, :, None, None].to(x.dtype)
-        if weight.shape[0] == 1 and spatial is None:
+        if weight.shape[0] == 1 and spatial is None:  # a 1x1 kernel shared by the batch
             choice.note_strategy("static")
-            out = strategies.plain_conv(x, weight[0], None, geom, geom.groups)
+            out = strategies.pointwise_conv(x, weight[0].flatten(1), None, geom)
         else:
             taps = () if spatial is None else (spatial.reshape(-1, 1, 1, weight.shape[3], weight.shape[4]),)
             out = dynamic_conv2d(x, weight, kernel, None, *conv_args, modulation=taps)
