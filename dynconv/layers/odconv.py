@@ -6,7 +6,9 @@ attention (sigmoid) and a spatial attention over the kernel taps (sigmoid), all 
 one small router. The attentions over output channels, input channels and taps are
 per-sample factors of the kernel that the shared core multiplies into each sample's
 kernel (its ``modulation``), so every strategy the core has (except output mixing)
-computes it.
+computes it. Where it is cheaper, the channel attentions scale the input and output
+maps instead and the kernel keeps only what is really per sample in it (the expert
+mix and the taps); a kernel with nothing per sample left runs as one static conv.
 """
 
 from __future__ import annotations
@@ -237,9 +239,10 @@ class ODConv2d(DynamicConv2d):
         "(n > 1); no BatchNorm",
         parameters="n x the conv's kernel, plus C_in x h + h x (C_in + C_out + k^2 + n) for the attention "
         "(h = max(C_in/16, 16))",
-        speed="one per-sample kernel (the attentions are scales of it) through the shared core: static conv "
-        "cost at batch 1 and for 1x1 convs (batched matmul); k x k convs at larger batches fold the batch into "
-        "conv groups, except ODConv 1x on maps up to 14x14: rescaled im2col and one static GEMM",
+        speed="channel attentions scale the input and output maps where those are smaller than the kernel (a "
+        "1x1 ODConv 1x at batch > 1: one static conv for the batch); otherwise one per-sample kernel through "
+        "the shared core: static conv cost at batch 1, 1x1 convs as a batched matmul, k x k convs folded into "
+        "conv groups; ODConv 1x on maps up to 14x14: rescaled im2col and one static GEMM",
     )
 
     def __init__(self, *args: Any, standardize: WeightStandardization | None = None, **kwargs: Any) -> None:
