@@ -28,6 +28,8 @@ KINDS = ("condconv", "dyconv", "dynet", "dcd", "odconv")
 NOT_APPLICABLE = "n/a: the model has no nn.Conv2d, nothing to convert"
 #: A recipe whose one rule keeps every conv: forces the default skips (a model with only a stem conv).
 KEEP_ALL = {"rules": [{"skip": False}]}
+#: Regularisers that drop whole branches or activations at random (torchvision, timm): off in the training check.
+DROP_MODULES = ("StochasticDepth", "DropPath", "DropBlock2d")
 CONV_PARAM_BUDGET = 50_000_000  # ResNet-101's convs (43M) fit 300 s per model; ResNet-152's (58M) do not
 SMALL_HINTS = ("atto", "femto", "pico", "nano", "tiny", "small", "_s", "18", "b0", "mobile", "lite", "xxs", "t0")
 
@@ -176,7 +178,10 @@ def _train_ok(model, x, dynconv, max_steps: int = 4) -> bool:
     zero-initialised head (torchvision ViT) needs one more step before gradients reach
     the convs. The loss is a regression to random targets, which never saturates.
     Kinds with one kernel per layer (DCD, ODConv with n = 1) have no experts to tell
-    apart: for them every parameter of every dynamic layer must receive gradient.
+    apart: for them every parameter of every dynamic layer must receive gradient at
+    some step (DCD's P and Q only once Phi has moved). Dropout and stochastic depth stay
+    off (eval): a block whose residual branch is dropped for the whole small batch gets
+    no gradient that step, which says nothing about the conversion.
     """
     import torch
     import torch.nn.functional as F
@@ -187,7 +192,11 @@ def _train_ok(model, x, dynconv, max_steps: int = 4) -> bool:
     # Adam: scale-free steps, so routers move even where layer scale (1e-6) shrinks gradients.
     opt = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)  # no model-sized temporaries
     model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) or type(module).__name__ in DROP_MODULES:
+            module.eval()
     reached: set[str] = set()
+    got_grad: set[tuple[str, str]] = set()
     separated = False
     for _ in range(max_steps):
         out = model(x)
@@ -204,7 +213,9 @@ def _train_ok(model, x, dynconv, max_steps: int = 4) -> bool:
                 continue
             per_expert = grad.flatten(1)
             if single:
-                if all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in layer.parameters()):
+                params = dict(layer.named_parameters())
+                got_grad.update((name, p) for p, t in params.items() if t.grad is not None and t.grad.abs().sum() > 0)
+                if all((name, p) in got_grad for p in params):
                     reached.add(name)
                 separated = True
                 continue
