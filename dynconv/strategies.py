@@ -195,23 +195,22 @@ def pointwise_conv(x: Tensor, kernels: Tensor, biases: Tensor | None, geom: Conv
     if geom.stride != (1, 1):
         x = x[:, :, :: geom.stride[0], :: geom.stride[1]]
     batch, c_in, height, width = x.shape
-    c_out = kernels.shape[-2]
+    if kernels.dim() == 2:  # one kernel for the batch: a stride-0 batch, still one bmm (no transposed copies)
+        kernels = kernels.expand(batch, *kernels.shape)
+    c_out = kernels.shape[1]
     g = geom.groups
-    fused = biases is not None and kernels.dim() == 3  # per-sample kernels: the bias rides in baddbmm
     if g == 1 and is_channels_last(x):
         pixels = x.permute(0, 2, 3, 1).reshape(batch, height * width, c_in)
-        kt = kernels.transpose(-1, -2)
-        out = torch.baddbmm(biases.unsqueeze(1), pixels, kt) if fused else pixels @ kt
-        out = out.reshape(batch, height, width, c_out).permute(0, 3, 1, 2)
-    elif g == 1:
+        kt = kernels.transpose(1, 2)
+        out = pixels @ kt if biases is None else torch.baddbmm(biases.unsqueeze(1), pixels, kt)
+        return out.reshape(batch, height, width, c_out).permute(0, 3, 1, 2)
+    if g == 1:
         cols = x.reshape(batch, c_in, height * width)
-        out = torch.baddbmm(biases.unsqueeze(2), kernels, cols) if fused else kernels @ cols
-        out = out.reshape(batch, c_out, height, width)
-    else:
-        cols = x.reshape(batch, g, c_in // g, height * width)
-        out = (kernels.reshape(-1, g, c_out // g, c_in // g) @ cols).reshape(batch, c_out, height, width)
-        fused = False
-    return out if fused else add_bias(out, biases)
+        out = kernels @ cols if biases is None else torch.baddbmm(biases.unsqueeze(2), kernels, cols)
+        return out.reshape(batch, c_out, height, width)
+    cols = x.reshape(batch, g, c_in // g, height * width)
+    out = kernels.reshape(batch, g, c_out // g, c_in // g) @ cols
+    return add_bias(out.reshape(batch, c_out, height, width), biases)
 
 
 def unfold(

@@ -14,11 +14,13 @@ from dynconv.layers.odconv import attends_maps
 
 # (c_in, c_out, kernel, groups, map, experts, batch, path the layer takes)
 CASES = [
-    (64, 48, 1, 1, 16, 1, 3, "maps"),  # 1x1 ODConv 1x at batch > 1: one static conv for every sample
-    (64, 48, 1, 1, 16, 1, 1, "kernel"),  # batch 1, maps bigger than the kernel: scale the kernel
+    (64, 48, 1, 1, 2, 1, 3, "maps"),  # 1x1 ODConv 1x, maps smaller than the kernel: one static conv
+    (64, 48, 1, 1, 2, 1, 1, "maps"),
+    (64, 48, 1, 1, 16, 1, 3, "kernel"),  # maps bigger than the kernel: scale the kernel
     (64, 48, 1, 1, 2, 4, 3, "maps"),  # tiny map, wide kernel: scale the maps, mix the experts in the core
     (64, 48, 1, 1, 16, 4, 3, "kernel"),
     (64, 64, 3, 1, 4, 4, 2, "maps"),  # maps path with the tap attention left in the kernel
+    (64, 64, 3, 1, 12, 1, 2, "maps"),  # ODConv 1x on a 12x12 map: maps path, taps in the kernel
     (64, 64, 3, 1, 4, 1, 2, "rescaled"),  # ODConv 1x on a small map
     (8, 8, 3, 1, 32, 4, 2, "kernel"),
     (32, 64, 3, 2, 4, 4, 2, "maps"),  # grouped: the input attention per input channel still holds
@@ -46,12 +48,11 @@ def test_each_path_follows_the_formula(case) -> None:
     c_in, c_out, k, groups, size, experts, batch, path = case
     layer, conv = layer_for(c_in, c_out, k, groups, experts)
     x = torch.randn(batch, c_in, size, size) + torch.linspace(-1, 1, batch).view(batch, 1, 1, 1)
-    spatial = None if k == 1 else torch.ones(batch, k * k)
     with torch.no_grad(), dynconv.choice.record_strategies() as seen:
         actual = layer(x)
         expected = odconv_reference(layer, conv, x)
     if path != "rescaled":  # rescaled im2col comes first where it applies
-        assert attends_maps(x, layer.weight, layer._geometry, spatial) == (path == "maps")
+        assert attends_maps(x, layer.weight, layer._geometry) == (path == "maps")
     assert ("rescaled" in seen) == (path == "rescaled")
     assert ("static" in seen) == (path == "maps" and experts == 1 and k == 1)
     assert close_enough(actual, expected)

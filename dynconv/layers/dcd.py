@@ -99,8 +99,8 @@ def add_low_rank(
     """
     batch, c_out, h_out, w_out = out.shape
     latent = phi.shape[-1]
-    z = F.conv2d(centres, q.reshape(*q.shape, 1, 1), None, 1, 0, 1, groups)  # [B, g*L, H', W']
-    z = z.reshape(batch, groups, latent, h_out * w_out)
+    # Q as a matmul: several times faster here than F.conv2d's 1x1 with L output channels
+    z = q.reshape(groups, latent, -1) @ centres.reshape(batch, groups, -1, h_out * w_out)  # [B, g, L, H'W']
     u = p.reshape(groups, c_out // groups, latent) @ phi  # [B, g, C_out/g, L]
     if bias is not None:
         z = torch.cat([z, torch.ones_like(z[:, :, :1])], dim=2)

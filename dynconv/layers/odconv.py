@@ -31,7 +31,7 @@ from .spec import Bounds, KindInfo
 
 #: ODConv 1x on k x k maps up to this many output pixels: rescaled im2col and one static GEMM
 #: beat per-sample kernels (scaled, then folded into conv groups at batch > 1).
-RESCALED_MAX_PIXELS = 14 * 14
+RESCALED_MAX_PIXELS = 8 * 8
 
 
 def attend_output(out: Tensor, filt: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -87,25 +87,20 @@ def kernel_factors(
     return (factor, spatial.reshape(-1, 1, 1, weight.shape[3], weight.shape[4]))
 
 
-def attends_maps(x: Tensor, weight: Tensor, geom: ConvGeometry, spatial: Tensor | None) -> bool:
+def attends_maps(x: Tensor, weight: Tensor, geom: ConvGeometry) -> bool:
     """Whether the channel attentions scale the input and output maps rather than the kernel.
 
     On the maps they cost ``C_in H W + C_out H' W'`` multiplications per sample, in the
-    kernel ``C_out C_in/g kH kW`` (plus the kernel's per-sample copy): the maps win on small
-    maps with wide kernels. With one expert and no spatial attention (a 1x1 ODConv 1x)
-    nothing per sample is left in the kernel then, so at batch > 1 every sample shares
-    one static conv: the maps always win there. Depthwise kernels (one input channel per
-    group) are always the smaller.
+    kernel ``C_out C_in/g kH kW`` (and its per-sample copy): the maps win on small maps
+    with wide kernels (benchmarks/results/layers.md: on 56x56 and larger maps two passes
+    over the maps cost more than the per-sample kernels they save). Depthwise kernels
+    (one input channel per group) are always the smaller.
     """
-    experts, c_out, per_group, kh, kw = weight.shape
+    c_out, per_group, kh, kw = weight.shape[1:]
     if per_group == 1:
         return False
     h_out, w_out = geom.output_size(x.shape[-2], x.shape[-1])
-    maps = x.shape[1] * x.shape[2] * x.shape[3] + c_out * h_out * w_out
-    if maps < c_out * per_group * kh * kw:
-        return True
-    batch = x.shape[0]
-    return experts == 1 and spatial is None and (choice.serves_any_batch(batch) or batch > 1)
+    return x.shape[1] * x.shape[2] * x.shape[3] + c_out * h_out * w_out < c_out * per_group * kh * kw
 
 
 def omni_conv2d(
@@ -133,7 +128,7 @@ def omni_conv2d(
             choice.note_strategy("rescaled")
             return rescaled_im2col(x, weight, channel, spatial, filt, strategies.mix_bias(bias, kernel), geom)
     conv_args = (geom.stride, padding, geom.dilation, geom.groups)
-    if strategy is None and attends_maps(x, weight, geom, spatial):
+    if strategy is None and attends_maps(x, weight, geom):
         x = x * channel[:, :, None, None].to(x.dtype)
         if weight.shape[0] == 1 and spatial is None:  # a 1x1 kernel shared by the batch
             choice.note_strategy("static")
