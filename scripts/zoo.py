@@ -307,7 +307,8 @@ def write_table(
         "A model passes a kind when it converts at least one conv, the converted model equals the original "
         "(max |diff| <= 1e-4 max |orig| + 1e-5, eval, on an output that depends on the input), up to four "
         "optimiser steps give every expert gradient and the experts different gradients (with one kernel "
-        "per layer, DCD or ODConv 1x: every parameter of every dynamic layer gets gradient), "
+        "per layer, DCD or ODConv 1x: every parameter of every dynamic layer gets gradient at some step; "
+        "dropout and stochastic depth off), "
         "and the checkpoint reloads (rebuilt by name) to bit-identical outputs.",
         "",
         f"{total - len(applicable)} models have no nn.Conv2d at all and are left out of the shares.",
