@@ -83,7 +83,8 @@ def main() -> None:
         "The static model and every conversion "
         f"fine-tuned for {args.epochs} epochs with the same SGD settings (lr {args.lr}, momentum 0.9, batch 64, "
         f"same data order); temperatures (DyConv, ODConv) annealed 30 → 1 over the first {args.epochs / 2:g} "
-        f"epochs. {minutes:.1f} min on {args.threads} threads. Rerun: `python benchmarks/finetune.py`.",
+        f"epochs. {minutes:.1f} min on {args.threads} thread{'s' if args.threads > 1 else ''}. "
+        "Rerun: `python benchmarks/finetune.py`.",
         "",
         "## Right after conversion",
         "",

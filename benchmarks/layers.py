@@ -142,8 +142,9 @@ def main() -> None:
             kind, experts = entry.split(":")
             rows = measure(name, kind, int(experts), args.batches, args.rounds, args.budget)
             for batch in args.batches:
-                sections += [f"### {name}, {kind} n={experts}, batch {batch}", "", *grouped_table(rows, batch), ""]
-                print("\n".join(sections[-len(grouped_table(rows, batch)) - 3 :]), flush=True)
+                section = [f"### {name}, {kind} n={experts}, batch {batch}", "", *grouped_table(rows, batch), ""]
+                print("\n".join(section), flush=True)
+                sections += section
     minutes = (time.perf_counter() - start) / 60
     header = [
         "# Per-layer cost of the dynamic kinds",

@@ -107,7 +107,8 @@ def preference(
 
     The order comes from ``benchmarks/core.py`` and ``benchmarks/models.py`` (2-thread
     CPU, see ``benchmarks/results/``): 1x1 kernels are fastest as a batched matmul,
-    even at batch 1; other kernels at batch 1 as one plain conv; otherwise chunks of
+    even at batch 1 (one expert on a map smaller than its input channels: the output
+    scaled after one shared matmul); other kernels at batch 1 as one plain conv; otherwise chunks of
     the batch folded into conv groups, except on very small maps: training there is
     fastest as im2col + batched matmul, and inference with big kernels (ResNet-18
     layer4) as output mixing, whose K-fold MACs cost less than writing a 9 MB mixed
@@ -118,6 +119,10 @@ def preference(
     if serves_any_batch(batch):  # one graph for every batch: no branch on its value, nothing folded into groups
         return batch_agnostic_preference(pixels, per_group_in, geom, kernel_bytes, experts)
     if geom.pointwise and per_group_in > 1:
+        if experts == 1 and pixels < per_group_in:
+            # one expert on a map with fewer pixels than input channels: scaling the output
+            # costs less than a per-sample copy of the kernel (DCD's Lambda on MobileNet's 7x7 1x1s)
+            return ("output", "matmul", "single", "grouped", "unfold", "loop")
         return ("matmul", "single", "grouped", "unfold", "loop", "output")
     taps = geom.kernel[0] * geom.kernel[1]
     if experts == 1 and (batch != 1 or pixels <= per_group_in * taps):

@@ -245,7 +245,7 @@ def output(x: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom
     g = geom.groups
     # Reorder so each group's K * C_out/g filters are contiguous, as grouped conv needs.
     filters = weight.reshape(k, g, c_out // g, *weight.shape[2:]).transpose(0, 1).reshape(k * c_out, *weight.shape[2:])
-    y = plain_conv(x, filters, None, geom, g)
+    y = pointwise_conv(x, filters.flatten(1), None, geom) if geom.pointwise else plain_conv(x, filters, None, geom, g)
     y = y.unflatten(1, (g, k, c_out // g))  # [B, g, K, C_out/g, H', W']
     batch = x.shape[0]
     if routing.dim() == 2:
