@@ -30,7 +30,8 @@ from .base import TF_SAME, DynamicConv2d
 from .spec import Bounds, KindInfo
 
 #: ODConv 1x on k x k maps up to this many output pixels: rescaled im2col and one static GEMM
-#: beat per-sample kernels (scaled, then folded into conv groups at batch > 1).
+#: beat per-sample kernels (scaled, then folded into conv groups at batch > 1). Measured on
+#: ResNet-18's shapes: 1.9x vs 4.4x static on 7x7 at batch 16, but 4.4x vs 2.3x on 14x14.
 RESCALED_MAX_PIXELS = 8 * 8
 
 
@@ -235,9 +236,9 @@ class ODConv2d(DynamicConv2d):
         parameters="n x the conv's kernel, plus C_in x h + h x (C_in + C_out + k^2 + n) for the attention "
         "(h = max(C_in/16, 16))",
         speed="channel attentions scale the input and output maps where those are smaller than the kernel (a "
-        "1x1 ODConv 1x at batch > 1: one static conv for the batch); otherwise one per-sample kernel through "
-        "the shared core: static conv cost at batch 1, 1x1 convs as a batched matmul, k x k convs folded into "
-        "conv groups; ODConv 1x on maps up to 14x14: rescaled im2col and one static GEMM",
+        "1x1 ODConv 1x there: one matmul shared by the batch); otherwise one per-sample kernel through the "
+        "shared core: static conv cost at batch 1, 1x1 convs as a batched matmul, k x k convs folded into conv "
+        "groups; ODConv 1x on maps up to 8x8: rescaled im2col and one static GEMM",
     )
 
     def __init__(self, *args: Any, standardize: WeightStandardization | None = None, **kwargs: Any) -> None:
