@@ -16,7 +16,7 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +57,32 @@ SHAPES = [
 ]
 BASELINE_STRATEGIES = ("grouped", "loop", "unfold")
 ALL_STRATEGIES = ("single", "grouped", "loop", "unfold", "matmul", "output")
+
+
+def module_inputs(model: torch.nn.Module, names: Iterable[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The input each named submodule of ``model`` receives (its first call) in one inference forward on ``x``."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        model.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
+        for name in names
+    ]
+    try:
+        with torch.inference_mode():
+            model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def inference_call(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], None]:
+    """One timed call: ``fn(x)`` under ``torch.inference_mode`` (a model, a layer or a router)."""
+
+    def run() -> None:
+        with torch.inference_mode():
+            fn(x)
+
+    return run
 
 
 def time_rounds(methods: dict[str, Callable[[], None]], rounds: int, budget: float) -> dict[str, float]:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from core import time_rounds
+from core import inference_call, time_rounds
 from torch import nn
 
 import convert
@@ -34,16 +34,6 @@ ODCONV_REPORTED = {"resnet18": (11.69, 11.94, 44.90), "mobilenet_v2": (3.50, 4.9
 #: Where their placement differs from the default selection: ResNet-18's 1x1 downsample convs stay static.
 ODCONV_PLACEMENT = {"resnet18": ["*downsample*"], "mobilenet_v2": []}
 SIZE = 224
-
-
-def forward(model: nn.Module, x: torch.Tensor):
-    """One timed call: a forward under inference mode."""
-
-    def run() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    return run
 
 
 def variants(name: str) -> tuple[dict[str, nn.Module], dict[str, dict]]:
@@ -71,7 +61,7 @@ def measure(name: str, batches: list[int], rounds: int, budget: float) -> tuple[
     times: dict[tuple[int, str], float] = {}
     for batch in batches:
         x = torch.randn(batch, 3, SIZE, SIZE)
-        methods = {label: forward(model, x) for label, model in models.items()}
+        methods = {label: inference_call(model, x) for label, model in models.items()}
         for label, ms in time_rounds(methods, rounds, budget).items():
             times[(batch, label)] = ms
         print(f"{name} batch {batch}: " + ", ".join(f"{k} {v:.1f} ms" for (b, k), v in times.items() if b == batch))

@@ -18,35 +18,19 @@ import argparse
 import platform
 import time
 from collections import defaultdict
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torchvision
-from core import time_rounds
+from core import inference_call, module_inputs, time_rounds
 from torch import nn
 
 import convert
-from dynconv.layers.base import DynamicConv2d
+import dynconv
 
 RESULTS = Path(__file__).parent / "results" / "layers.md"
 SIZE = 224
 DEFAULT_KINDS = ("condconv:4", "dcd:1", "odconv:1", "odconv:4")
-
-
-def layer_inputs(model: nn.Module, size: int) -> dict[str, torch.Tensor]:
-    """The single-image input of every dynamic layer, recorded by forward hooks."""
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [
-        module.register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0].detach()))
-        for name, module in model.named_modules()
-        if isinstance(module, DynamicConv2d)
-    ]
-    with torch.inference_mode():
-        model(torch.randn(1, 3, size, size))
-    for hook in hooks:
-        hook.remove()
-    return seen
 
 
 def layer_type(conv: nn.Conv2d) -> str:
@@ -57,21 +41,13 @@ def layer_type(conv: nn.Conv2d) -> str:
     return ("depthwise " if depthwise else "") + k + stride
 
 
-def timed(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        with torch.inference_mode():
-            fn(x)
-
-    return run
-
-
 def measure(name: str, kind: str, experts: int, batches: list[int], rounds: int, budget: float) -> list[dict]:
     """One row per converted layer and batch: static conv, router and dynamic layer milliseconds."""
     torch.manual_seed(0)
     static = torchvision.models.get_model(name).eval()
     result = convert.convert_model(static, kind=kind, experts=experts, input_size=64)
     model = result.model.eval()
-    inputs = layer_inputs(model, SIZE)
+    inputs = module_inputs(model, dynconv.dynamic_layers(model), torch.randn(1, 3, SIZE, SIZE))
     originals = dict(static.named_modules())
     rows = []
     for layer_name, one in inputs.items():
@@ -79,7 +55,11 @@ def measure(name: str, kind: str, experts: int, batches: list[int], rounds: int,
         conv = originals[layer_name]
         for batch in batches:
             x = one.expand(batch, *one.shape[1:]).contiguous()
-            methods = {"static": timed(conv, x), "router": timed(layer.router, x), "dynamic": timed(layer, x)}
+            methods = {
+                "static": inference_call(conv, x),
+                "router": inference_call(layer.router, x),
+                "dynamic": inference_call(layer, x),
+            }
             ms = time_rounds(methods, rounds, budget)
             rows.append(
                 {

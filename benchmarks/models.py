@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from core import time_rounds
+from core import inference_call, module_inputs, time_rounds
 from torch import nn
 
 import convert
@@ -50,14 +50,6 @@ def variants(name: str) -> dict[str, nn.Module]:
     return out
 
 
-def forward(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    def run() -> None:
-        with torch.inference_mode():
-            model(x)
-
-    return run
-
-
 def measure_model(
     name: str, models: dict[str, nn.Module], rounds: int, budget: float, compile_: bool
 ) -> dict[tuple[int, str, str], float]:
@@ -68,15 +60,15 @@ def measure_model(
         x_last = x.contiguous(memory_format=torch.channels_last)
         methods: dict[str, Callable[[], None]] = {}
         for variant, model in models.items():
-            methods[f"{variant}|eager"] = forward(model, x)
+            methods[f"{variant}|eager"] = inference_call(model, x)
             last = copy.deepcopy(model).to(memory_format=torch.channels_last)
-            methods[f"{variant}|channels_last"] = forward(last, x_last)
+            methods[f"{variant}|channels_last"] = inference_call(last, x_last)
             if compile_:
                 start = time.perf_counter()
                 compiled = torch.compile(model, dynamic=False)
-                forward(compiled, x)()  # compile now, outside the timed rounds
+                inference_call(compiled, x)()  # compile now, outside the timed rounds
                 print(f"  compiled {name} {variant} batch {batch} in {time.perf_counter() - start:.0f} s", flush=True)
-                methods[f"{variant}|compiled"] = forward(compiled, x)
+                methods[f"{variant}|compiled"] = inference_call(compiled, x)
         for key, ms in time_rounds(methods, rounds, budget).items():
             variant, mode = key.split("|")
             results[(batch, variant, mode)] = ms
@@ -87,21 +79,13 @@ def measure_model(
 def layer_breakdown(models: dict[str, nn.Module], kind: str, batch: int, rounds: int) -> list[dict]:
     """Each converted conv vs its original, on the input it sees in the model: ms and strategy."""
     static, dynamic = models["static"], models[kind]
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0]))
-        for n, m in static.named_modules()
-        if isinstance(m, nn.Conv2d)
-    ]
-    with torch.inference_mode():
-        static(torch.randn(batch, 3, SIZE, SIZE))
-    for h in hooks:
-        h.remove()
+    layers = dynconv.dynamic_layers(dynamic)
+    inputs = module_inputs(static, layers, torch.randn(batch, 3, SIZE, SIZE))
     rows = []
-    for layer_name, layer in dynconv.dynamic_layers(dynamic).items():
+    for layer_name, layer in layers.items():
         conv = static.get_submodule(layer_name)
         x = inputs[layer_name]
-        ms = time_rounds({"static": forward(conv, x), "dynamic": forward(layer, x)}, rounds, 0.02)
+        ms = time_rounds({"static": inference_call(conv, x), "dynamic": inference_call(layer, x)}, rounds, 0.02)
         geom = layer._geometry
         rows.append(
             {
