@@ -13,18 +13,24 @@ from convert.verify import signal_preserving_init
 KINDS = list(dynconv.LAYERS)
 
 
-def trained_like(name: str) -> nn.Module:
-    """A seeded torchvision model whose BatchNorms look trained (non-trivial statistics and affine)."""
+def trained_batchnorms_(model: nn.Module, bias_half_width: float) -> nn.Module:
+    """Give every BatchNorm2d of ``model`` trained-looking statistics and affine (seeded):
+    mean in [-0.5, 0.5), variance and scale in [0.5, 1.5), shift within ``bias_half_width`` of 0."""
     gen = torch.Generator().manual_seed(1)
-    model = signal_preserving_init(torchvision.models.get_model(name))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
                 m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
                 m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=gen) * 0.6 - 0.3)
-    return model.eval()
+                m.bias.copy_(torch.rand(m.num_features, generator=gen) * (2 * bias_half_width) - bias_half_width)
+    return model
+
+
+def trained_like(name: str) -> nn.Module:
+    """A seeded torchvision model whose BatchNorms look trained (non-trivial statistics and affine)."""
+    model = signal_preserving_init(torchvision.models.get_model(name))
+    return trained_batchnorms_(model, bias_half_width=0.3).eval()
 
 
 def converted(name: str, kind: str) -> nn.Module:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from deploy_models import trained_batchnorms_
 from reference import close_enough
 from test_layers import CONV_GRID, GRID_IDS, assert_same_function, make_conv
 from timm.layers import Conv2dSame, ScaledStdConv2d, StdConv2d, StdConv2dSame
@@ -222,14 +223,7 @@ def mixed_net(bn: bool = True) -> nn.Sequential:
         nn.Linear(24, 5),
     )
     if bn:
-        gen = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            for m in net.modules():
-                if isinstance(m, nn.BatchNorm2d):
-                    m.running_mean.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
-                    m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                    m.weight.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
-                    m.bias.copy_(torch.rand(m.num_features, generator=gen) - 0.5)
+        trained_batchnorms_(net, bias_half_width=0.5)
     return net.eval()
 
 
