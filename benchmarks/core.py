@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from timm.layers import CondConv2d as TimmCondConv2d
 
-from dynconv.choice import applicable
-from dynconv.functional import dynamic_conv2d, select_strategy
+from dynconv.core import select_strategy
+from dynconv.core.rules import applicable
+from dynconv.functional import dynamic_conv2d
 from dynconv.geometry import ConvGeometry
 
 EXPERTS = 4

@@ -29,7 +29,7 @@ from torch import nn
 
 import convert
 import dynconv
-from dynconv.functional import select_strategy
+from dynconv.core import select_strategy
 
 MODELS = ("resnet18", "mobilenet_v2", "efficientnet_b0")
 KINDS = tuple(dynconv.LAYERS)

@@ -23,7 +23,8 @@ from .conv_classes import UnsupportedConvError, conversion_options
 from .counting import count_macs, count_params
 from .errors import UserError
 from .heads import replace_head
-from .models import ModelSource, base_of
+from .identify import base_of
+from .models import ModelSource
 from .probe import ConvSite, default_input_size, find_convs, is_already_dynamic, probe
 from .recipe import Recipe, load_recipe, name_matches
 from .selection import (

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 import dynconv
-from dynconv import choice
+from dynconv.core import record_strategies
+from dynconv.core.rules import fixed_batch_form
 
 from .errors import UserError, WorkFailedError, check_output_path, first_line
 from .folding import FoldResult, fold_batchnorm
@@ -102,20 +103,6 @@ def _onnxruntime():  # the module; imported late because export is an optional e
     return onnxruntime
 
 
-def fixed_batch_form(layer: dynconv.DynamicConv2d, batch: int) -> str:
-    """The core form for a graph of one batch size, the fastest measured in ONNX Runtime (benchmarks/deploy.py).
-
-    At batch 1, 1x1 kernels run as a MatMul with the mixed kernel and the rest as one
-    Conv with it; at a larger batch every kernel runs with the batch folded into the
-    conv's groups (output mixing for depthwise kernels and batched matmul for 1x1
-    ones measured slower there).
-    """
-    pointwise = layer.kernel_size == (1, 1) and layer.in_channels > layer.groups and layer.padding_mode == "zeros"
-    if batch == 1:
-        return "matmul" if pointwise else "single"
-    return "grouped"
-
-
 @contextlib.contextmanager
 def _forms_for_batch(model: nn.Module, batch: int | None) -> Iterator[None]:
     """Pin every unpinned dynamic layer to its fixed-batch form while tracing (nothing for a dynamic batch)."""
@@ -134,7 +121,7 @@ def _forms_for_batch(model: nn.Module, batch: int | None) -> Iterator[None]:
 def _trace(
     model: nn.Module, example: torch.Tensor, opset: int | None, batch: int | None
 ) -> tuple[torch.onnx.ONNXProgram, list[str]]:
-    with _forms_for_batch(model, batch), choice.record_strategies() as chosen, warnings.catch_warnings():
+    with _forms_for_batch(model, batch), record_strategies() as chosen, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(

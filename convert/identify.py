@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .models import ModelSource, build_model
+from .models import BASE_ATTR, ModelSource, build_model
 
 #: The constructor arguments read from a model, per zoo (others must be the defaults).
 ARGUMENTS = {"torchvision": ("num_classes",), "timm": ("num_classes", "in_chans", "drop_rate")}
@@ -113,3 +113,16 @@ def _torchvision_builders(module: str) -> tuple[str, ...]:
 
     names = torchvision.models.list_models(module=torchvision.models)
     return tuple(n for n in sorted(names) if torchvision.models.get_model_builder(n).__module__ == module)
+
+
+def base_of(model: nn.Module) -> ModelSource:
+    """The recorded base of ``model``; else the torchvision or timm record that rebuilds it exactly
+    (see :func:`identify`); else a ``custom`` record named after its class."""
+    base = getattr(model, BASE_ATTR, None)
+    if isinstance(base, ModelSource):
+        return base
+    found = identify(model)
+    if found is not None:
+        return found
+    cls = type(model)
+    return ModelSource(source="custom", name=f"{cls.__module__}:{cls.__qualname__}")

@@ -165,18 +165,3 @@ def _download(build: Any, name: str, pretrained: bool) -> nn.Module:
 def tag_base(model: nn.Module, base: ModelSource) -> None:
     """Record where ``model`` came from (survives ``copy.deepcopy``)."""
     setattr(model, BASE_ATTR, base)
-
-
-def base_of(model: nn.Module) -> ModelSource:
-    """The recorded base of ``model``; else the torchvision or timm record that rebuilds it exactly
-    (see :mod:`convert.identify`); else a ``custom`` record named after its class."""
-    base = getattr(model, BASE_ATTR, None)
-    if isinstance(base, ModelSource):
-        return base
-    from .identify import identify
-
-    found = identify(model)
-    if found is not None:
-        return found
-    cls = type(model)
-    return ModelSource(source="custom", name=f"{cls.__module__}:{cls.__qualname__}")

@@ -3,7 +3,7 @@
 Runtime package: imports torch only, so a converted model needs nothing else to run.
 """
 
-from . import functional
+from . import core, functional
 from .experts import upcycle
 from .folding import fold_batchnorm_
 from .functional import EXPORTABLE_STRATEGIES, STRATEGIES, dynamic_conv2d, strategy_scope
@@ -51,6 +51,7 @@ __all__ = [
     "WeightStandardization",
     "__version__",
     "capture_routing",
+    "core",
     "dynamic_conv2d",
     "dynamic_layers",
     "expert_parameters",

@@ -1,8 +1,8 @@
 """``dynamic_conv2d``: the one core every dynamic layer calls.
 
 Per-sample kernels are mixed from ``K`` experts by a routing tensor and applied to
-each sample; the strategy that does it is picked per call (see
-:mod:`dynconv.strategies`) or forced with ``strategy=``.
+each sample. This module checks a call and hands it to the core (:mod:`dynconv.core`),
+which picks the form that computes it per call (or runs the one forced with ``strategy=``).
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import choice, strategies
-from .choice import applicable, strategy_scope
+from .core import EXPORTABLE_STRATEGIES, STRATEGIES, KernelTerms, run, select_strategy, strategy_scope
+from .core.kernels import with_input_layout
+from .core.opaque import call_opaque
+from .core.rules import applicable, goes_opaque
 from .geometry import ConvGeometry, IntPair, Padding
-from .opaque import call_opaque, use_opaque_op
-from .strategies import EXPORTABLE_STRATEGIES, STRATEGIES, KernelTerms
 
 __all__ = ["EXPORTABLE_STRATEGIES", "STRATEGIES", "dynamic_conv2d", "select_strategy", "strategy_scope"]
 
@@ -53,20 +53,6 @@ def _check_dtypes(input: Tensor, weight: Tensor) -> None:
         raise ValueError(
             f"input dtype {input.dtype} differs from weight dtype {weight.dtype}; cast one or use torch.autocast"
         )
-
-
-def select_strategy(
-    input: Tensor,
-    weight: Tensor,
-    geom: ConvGeometry,
-    needs_grad: bool,
-    modulated: bool = False,
-) -> str:
-    """The strategy the core would run for this call (honours :func:`strategy_scope`)."""
-    batch, c_in, height, width = input.shape
-    out_hw = geom.output_size(height, width)
-    kernel_bytes = weight[0].numel() * weight.element_size()
-    return choice.choose(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, weight.shape[0], modulated)
 
 
 def _check_modulation(modulation: tuple[Tensor, ...], input: Tensor, weight: Tensor) -> None:
@@ -138,28 +124,6 @@ def dynamic_conv2d(
             tuple(m.to(weight.dtype) for m in modulation), None if offset is None else offset.to(weight.dtype)
         )
     # the opaque op takes plain calls with matching dtypes; kernel terms and autocast stay traced
-    if not (modulated or autocast) and use_opaque_op(input.shape[0], needs_grad, strategy):
+    if not (modulated or autocast) and goes_opaque(input.shape[0], needs_grad, strategy):
         return call_opaque(input, weight, routing, bias, geom)
-    out = run_core(input, weight, routing, bias, geom, needs_grad, strategy, terms)
-    if strategies.is_channels_last(input):
-        return out.contiguous(memory_format=torch.channels_last)
-    return out.contiguous()
-
-
-def run_core(
-    input: Tensor,
-    weight: Tensor,
-    routing: Tensor,
-    bias: Tensor | None,
-    geom: ConvGeometry,
-    needs_grad: bool,
-    strategy: str | None = None,
-    terms: KernelTerms | None = None,
-) -> Tensor:
-    """Pick the strategy (unless forced), record it, and compute; arguments already checked."""
-    modulated = terms is not None and bool(terms)
-    if strategy is None:
-        strategy = select_strategy(input, weight, geom, needs_grad, modulated)
-    choice.note_strategy(strategy)
-    fn = STRATEGIES[strategy]
-    return fn(input, weight, routing, bias, geom, terms) if modulated else fn(input, weight, routing, bias, geom)
+    return with_input_layout(run(input, weight, routing, bias, geom, needs_grad, strategy, terms), input)

@@ -20,7 +20,8 @@ import convert
 import dynconv
 from convert.cli import app
 from convert.errors import OutputPathError
-from convert.export import ExportError, export_onnx, fixed_batch_form
+from convert.export import ExportError, export_onnx
+from dynconv.core.rules import fixed_batch_form
 
 TESTS = Path(__file__).resolve().parent
 runner = CliRunner()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from reference import per_sample_conv
 
-from dynconv import choice, strategies
+from dynconv.core import rules
 from dynconv.functional import STRATEGIES, dynamic_conv2d, select_strategy, strategy_scope
 from dynconv.geometry import ConvGeometry
 
@@ -93,7 +93,7 @@ def make_tensors(cfg: Config, dtype: torch.dtype = torch.float32, seed: int = 0)
 
 def usable_strategies(cfg: Config) -> list[str | None]:
     geom = ConvGeometry.build(cfg.kernel, cfg.stride, cfg.padding, cfg.dilation, cfg.groups)
-    return [None] + [s for s in STRATEGIES if choice.applicable(s, cfg.batch, geom)]
+    return [None] + [s for s in STRATEGIES if rules.applicable(s, cfg.batch, geom)]
 
 
 def grads(fn, tensors, upstream):
@@ -160,7 +160,7 @@ def test_gradcheck_float64(case) -> None:
     r = torch.rand(r_shape, dtype=torch.float64, requires_grad=True)
     b = torch.randn(experts, c_out, dtype=torch.float64, requires_grad=True) if bias else None
     geom = ConvGeometry.build((k, k), stride, padding, 1, groups)
-    for strategy in [s for s in STRATEGIES if choice.applicable(s, batch, geom)]:
+    for strategy in [s for s in STRATEGIES if rules.applicable(s, batch, geom)]:
         inputs = (x, w, r) if b is None else (x, w, r, b)
 
         def fn(*t, s=strategy):
@@ -232,19 +232,19 @@ def test_batch_of_one_uses_a_single_plain_conv() -> None:
 
 def test_multi_chunk_fold_matches_reference(monkeypatch: pytest.MonkeyPatch) -> None:
     """Force the batch-fold to split a batch of 7 into chunks of 2 (the big-layer path)."""
-    monkeypatch.setattr(strategies, "FOLD_MAX_CHUNK", 2)
-    monkeypatch.setattr(strategies, "FOLD_MAX_CHUNK_GRAD", 2)
+    monkeypatch.setattr(rules, "FOLD_MAX_CHUNK", 2)
+    monkeypatch.setattr(rules, "FOLD_MAX_CHUNK_GRAD", 2)
     x, w, r, b = torch.randn(7, 6, 8, 8), torch.randn(3, 4, 3, 3, 3), torch.rand(7, 3, 4), torch.randn(3, 4)
-    assert strategies.fold_chunk(7, w[0].numel() * 4, needs_grad=False) == 2
+    assert rules.fold_chunk(7, w[0].numel() * 4, needs_grad=False) == 2
     out = dynamic_conv2d(x, w, r, b, 2, 1, 1, 2, strategy="grouped")
     torch.testing.assert_close(out, per_sample_conv(x, w, r, b, 2, 1, 1, 2))
 
 
 def test_fold_chunk_keeps_mixed_kernels_within_budget() -> None:
     big = 9 * 2**20  # one ResNet-18 layer4 kernel in fp32
-    assert strategies.fold_chunk(32, big, needs_grad=False) * big <= strategies.FOLD_BUDGET_BYTES
-    assert strategies.fold_chunk(32, 10 * 2**30, needs_grad=True) == 1
-    assert strategies.fold_chunk(3, 16, needs_grad=False) == 3
+    assert rules.fold_chunk(32, big, needs_grad=False) * big <= rules.FOLD_BUDGET_BYTES
+    assert rules.fold_chunk(32, 10 * 2**30, needs_grad=True) == 1
+    assert rules.fold_chunk(3, 16, needs_grad=False) == 3
 
 
 @pytest.mark.parametrize(

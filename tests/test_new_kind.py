@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -96,3 +100,54 @@ def test_the_cli_takes_a_registered_kind(throwaway, tmp_path) -> None:
     listing = runner.invoke(app, ["kinds"])
     assert listing.exit_code == 0 and "throwaway  Throwaway (this test)" in listing.stdout
     assert "hidden=8, temperature=1.0" in listing.stdout
+
+
+KIND_FILE = '''
+"""A kind added as one file in dynconv/layers/, with no other edit anywhere."""
+
+from typing import Annotated
+
+from ..routing import SoftmaxRouter
+from .base import DynamicConv2d
+from .registry import register
+from .spec import Bounds, KindInfo
+
+
+@register
+class OneFileConv2d(DynamicConv2d):
+    kind = "onefile"
+    info = KindInfo(
+        title="One file (this test)",
+        formula="W(x) = sum_k softmax(z(x))_k W_k",
+        routing="global average pool -> hidden -> softmax",
+        parameters="K x the kernel",
+        speed="as DyConv",
+    )
+
+    def _build_router(self, hidden: Annotated[int, Bounds(ge=1, le=64)] = 6) -> SoftmaxRouter:
+        return SoftmaxRouter(self.in_channels, self.experts, reduction=10**6, min_hidden=hidden)
+'''
+
+
+def test_a_kind_is_one_new_file_with_no_other_edit(tmp_path) -> None:
+    """Copy the packages, add one file under dynconv/layers/, and the CLI lists, converts and loads the kind."""
+    root = TESTS.parent
+    for package in ("dynconv", "convert"):
+        shutil.copytree(root / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (tmp_path / "dynconv" / "layers" / "onefile.py").write_text(KIND_FILE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(TESTS)])}
+    out = tmp_path / "onefile.safetensors"
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "convert.cli", *args], env=env, cwd=tmp_path, capture_output=True, text=True
+        )
+
+    listing = cli("kinds")
+    assert listing.returncode == 0, listing.stderr
+    assert "One file (this test)" in listing.stdout and "hidden=6" in listing.stdout
+    made = cli("convert", "cli_models:small_net", "--kind", "onefile", "--input-size", "16", "-o", str(out))
+    assert made.returncode == 0, made.stderr
+    checked = cli("inspect", str(out), "--json")
+    assert checked.returncode == 0, checked.stderr
+    assert {layer["kind"] for layer in json.loads(checked.stdout)["layers"]} == {"onefile"}

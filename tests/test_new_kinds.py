@@ -138,7 +138,7 @@ def test_dcd_pointwise_paths_follow_the_formula(size) -> None:
 @pytest.mark.parametrize(("kernel", "groups", "stride"), [(3, 1, 1), (1, 1, 2), (3, 4, 2), (3, 8, 1)])
 def test_core_kernel_terms_match_the_per_sample_reference(experts, kernel, groups, stride) -> None:
     """``modulation`` and ``offset``: values and gradients equal per-sample convs, in every strategy that can."""
-    from dynconv import choice, strategies
+    from dynconv.core import STRATEGIES, rules
     from dynconv.functional import dynamic_conv2d
     from dynconv.geometry import ConvGeometry
 
@@ -165,7 +165,7 @@ def test_core_kernel_terms_match_the_per_sample_reference(experts, kernel, group
     expected = reference(ref_leaves[:3], ref_leaves[3])
     expected_grads = torch.autograd.grad(expected.square().sum(), ref_leaves)
     geom = ConvGeometry.build((kernel, kernel), stride, kernel // 2, 1, groups)
-    names = [None, *(s for s in strategies.STRATEGIES if choice.applicable(s, 3, geom, modulated=True))]
+    names = [None, *(s for s in STRATEGIES if rules.applicable(s, 3, geom, modulated=True))]
     assert "output" not in names and len(names) >= 4
     for name in names:
         mine = [t.clone().requires_grad_() for t in leaves]

@@ -8,9 +8,9 @@ from reference import close_enough
 from test_new_kinds import odconv_reference, randomize_router
 from torch import nn
 
-import dynconv
 from dynconv import ODConv2d
-from dynconv.layers.odconv import attends_maps
+from dynconv.core import record_strategies
+from dynconv.core.rules import odconv_path
 
 # (c_in, c_out, kernel, groups, map, experts, batch, path the layer takes)
 CASES = [
@@ -48,11 +48,11 @@ def test_each_path_follows_the_formula(case) -> None:
     c_in, c_out, k, groups, size, experts, batch, path = case
     layer, conv = layer_for(c_in, c_out, k, groups, experts)
     x = torch.randn(batch, c_in, size, size) + torch.linspace(-1, 1, batch).view(batch, 1, 1, 1)
-    with torch.no_grad(), dynconv.choice.record_strategies() as seen:
+    with torch.no_grad(), record_strategies() as seen:
         actual = layer(x)
         expected = odconv_reference(layer, conv, x)
-    if path != "rescaled":  # rescaled im2col comes first where it applies
-        assert attends_maps(x, layer.weight, layer._geometry) == (path == "maps")
+    expected_path = {"kernel": "core"}.get(path, path)
+    assert odconv_path(x.shape, layer.weight.shape, layer._geometry, k > 1, None) == expected_path
     assert ("rescaled" in seen) == (path == "rescaled")
     assert ("static" in seen) == (path == "maps" and experts == 1 and k == 1)
     assert close_enough(actual, expected)

@@ -122,7 +122,7 @@ def test_compiled_inference_runs_the_core_as_one_opaque_op_and_training_traces_i
         code = _compiled_graph_code(model, batch(3))
     # inference: each dynamic layer is one dynconv.dynamic_conv2d call, run eagerly at its batch's best strategy
     assert code.count("dynconv.dynamic_conv2d") == layers
-    with dynconv.choice.record_strategies() as seen, torch.no_grad():
+    with dynconv.core.record_strategies() as seen, torch.no_grad():
         torch.compile(model, dynamic=True, backend="eager")(batch(16))
     assert "grouped" in seen  # what eager picks at batch 16, not a batch-agnostic form
     # training: the core is traced (gradients flow through standard ops), no opaque op

@@ -19,12 +19,12 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..core.kernels import add_bias, mix_bias
 from ..experts import DEFAULT_NOISE, upcycle
 from ..functional import STRATEGIES, dynamic_conv2d
 from ..geometry import ConvGeometry, IntPair, Padding, as_pair, tf_same_padding
 from ..routing import Router
 from ..standardization import WeightStandardization, standardized_routing
-from ..strategies import add_bias, mix_bias
 from .spec import KindInfo, OptionSpec, option_specs
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")

@@ -6,9 +6,11 @@ from typing import Annotated
 
 from ..routing import SigmoidRouter
 from .base import DynamicConv2d
+from .registry import register
 from .spec import Bounds, KindInfo
 
 
+@register
 class CondConv2d(DynamicConv2d):
     """Conditionally parameterised convolution: ``W(x) = sum_k sigmoid(R GAP(x))_k W_k``.
 

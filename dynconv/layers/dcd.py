@@ -20,12 +20,14 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from ..core.rules import dcd_forms_whole_kernel
 from ..experts import DEFAULT_NOISE
 from ..functional import dynamic_conv2d
 from ..geometry import ConvGeometry, Padding
 from ..routing import Router, global_pool
 from ..standardization import WeightStandardization
 from .base import TF_SAME, DynamicConv2d
+from .registry import register
 from .spec import Bounds, KindInfo
 
 
@@ -139,11 +141,7 @@ def decomposed_conv2d(
     """
     c_out, per_group, kh, kw = weight.shape[1], weight.shape[2], weight.shape[3], weight.shape[4]
     conv_args = (geom.stride, padding, geom.dilation, geom.groups)
-    whole = per_group == 1
-    if geom.pointwise and not whole:
-        h_out, w_out = geom.output_size(x.shape[-2], x.shape[-1])
-        whole = per_group * c_out <= 2 * h_out * w_out * (x.shape[1] + c_out)  # forming it costs less
-    if whole:
+    if dcd_forms_whole_kernel(x.shape, weight.shape, geom):
         groups, latent = geom.groups, phi.shape[-1]
         low = p.reshape(groups, c_out // groups, latent) @ phi @ q.reshape(groups, latent, per_group)
         offset = low.reshape(-1, c_out, per_group, 1, 1)
@@ -176,6 +174,7 @@ for _leaf in ("decomposed_conv2d", "standardized_kernel"):
     torch.fx.wrap(_leaf)
 
 
+@register
 class DCDConv2d(DynamicConv2d):
     """``W(x) = Lambda(x) W0 + P Phi(x) Q^T``: the static kernel, rescaled per output channel, plus a low-rank term.
 

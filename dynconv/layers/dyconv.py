@@ -6,9 +6,11 @@ from typing import Annotated
 
 from ..routing import SoftmaxRouter
 from .base import DynamicConv2d
+from .registry import register
 from .spec import Bounds, KindInfo
 
 
+@register
 class DyConv2d(DynamicConv2d):
     """Attention over kernels: ``W(x) = sum_k softmax(z(x) / T)_k W_k``.
 

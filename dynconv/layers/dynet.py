@@ -6,9 +6,11 @@ from typing import Annotated
 
 from ..routing import ChannelRouter
 from .base import DynamicConv2d
+from .registry import register
 from .spec import Bounds, KindInfo
 
 
+@register
 class DyNetConv2d(DynamicConv2d):
     """``W(x)[o] = sum_k softmax_k(A GAP(x))[k, o] W_k[o]``: routing ``[B, K, C_out]``.
 

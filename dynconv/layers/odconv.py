@@ -20,19 +20,34 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from .. import choice, strategies
+from ..core.forms import Form, register_form
+from ..core.kernels import mix_bias, pointwise_conv
+from ..core.rules import odconv_path
+from ..core.scope import note_strategy
 from ..experts import DEFAULT_NOISE
 from ..functional import dynamic_conv2d
 from ..geometry import ConvGeometry, Padding
 from ..routing import Router, global_pool
 from ..standardization import WeightStandardization
 from .base import TF_SAME, DynamicConv2d
+from .registry import register
 from .spec import Bounds, KindInfo
 
-#: ODConv 1x on k x k maps up to this many output pixels: rescaled im2col and one static GEMM
-#: beat per-sample kernels (scaled, then folded into conv groups at batch > 1). Measured on
-#: ResNet-18's shapes: 1.9x vs 4.4x static on 7x7 at batch 16, but 4.4x vs 2.3x on 14x14.
-RESCALED_MAX_PIXELS = 8 * 8
+# ODConv's own forms: computed here, recorded (and exported) under these names.
+RESCALED = register_form(
+    Form("rescaled", None, per_sample_kernels=False, batch_agnostic=True, takes_terms=False, kind="odconv")
+)
+STATIC = register_form(
+    Form(
+        "static",
+        None,
+        per_sample_kernels=False,
+        batch_agnostic=True,
+        pointwise_only=True,
+        takes_terms=False,
+        kind="odconv",
+    )
+)
 
 
 def attend_output(out: Tensor, filt: Tensor | None, bias: Tensor | None) -> Tensor:
@@ -88,22 +103,6 @@ def kernel_factors(
     return (factor, spatial.reshape(-1, 1, 1, weight.shape[3], weight.shape[4]))
 
 
-def attends_maps(x: Tensor, weight: Tensor, geom: ConvGeometry) -> bool:
-    """Whether the channel attentions scale the input and output maps rather than the kernel.
-
-    On the maps they cost ``C_in H W + C_out H' W'`` multiplications per sample, in the
-    kernel ``C_out C_in/g kH kW`` (and its per-sample copy): the maps win on small maps
-    with wide kernels (benchmarks/results/layers.md: on 56x56 and larger maps two passes
-    over the maps cost more than the per-sample kernels they save). Depthwise kernels
-    (one input channel per group) are always the smaller.
-    """
-    c_out, per_group, kh, kw = weight.shape[1:]
-    if per_group == 1:
-        return False
-    h_out, w_out = geom.output_size(x.shape[-2], x.shape[-1])
-    return x.shape[1] * x.shape[2] * x.shape[3] + c_out * h_out * w_out < c_out * per_group * kh * kw
-
-
 def omni_conv2d(
     x: Tensor,
     weight: Tensor,
@@ -117,27 +116,26 @@ def omni_conv2d(
 
     ODConv 1x on small maps (where the im2col columns are fewer than the kernel's
     weights): a rescaled im2col with the static kernel. Where the maps are cheaper to
-    scale than the kernel (:func:`attends_maps`): the input scaled by ``a_c``, the
+    scale than the kernel (:func:`dynconv.core.rules.odconv_path`): the input scaled by ``a_c``, the
     core with only the kernel and spatial attentions (none left: a static conv), the
     output scaled by ``a_f``. Otherwise, and for a forced ``strategy``, the shared core
     with every attention as a kernel factor.
     """
     kernel, filt, channel, spatial = attentions
-    if strategy is None and weight.shape[0] == 1 and geom.groups == 1 and spatial is not None:
-        h_out, w_out = geom.output_size(x.shape[-2], x.shape[-1])
-        if h_out * w_out <= RESCALED_MAX_PIXELS:
-            choice.note_strategy("rescaled")
-            return rescaled_im2col(x, weight, channel, spatial, filt, strategies.mix_bias(bias, kernel), geom)
+    path = odconv_path(x.shape, weight.shape, geom, spatial is not None, strategy)
+    if path == "rescaled":
+        note_strategy(RESCALED.name)
+        return rescaled_im2col(x, weight, channel, spatial, filt, mix_bias(bias, kernel), geom)
     conv_args = (geom.stride, padding, geom.dilation, geom.groups)
-    if strategy is None and attends_maps(x, weight, geom):
+    if path == "maps":
         x = x * channel[:, :, None, None].to(x.dtype)
         if weight.shape[0] == 1 and spatial is None:  # a 1x1 kernel shared by the batch
-            choice.note_strategy("static")
-            out = strategies.pointwise_conv(x, weight[0].flatten(1), None, geom)
+            note_strategy(STATIC.name)
+            out = pointwise_conv(x, weight[0].flatten(1), None, geom)
         else:
             taps = () if spatial is None else (spatial.reshape(-1, 1, 1, weight.shape[3], weight.shape[4]),)
             out = dynamic_conv2d(x, weight, kernel, None, *conv_args, modulation=taps)
-        return attend_output(out, filt, strategies.mix_bias(bias, kernel))
+        return attend_output(out, filt, mix_bias(bias, kernel))
     factors = kernel_factors(filt, channel, spatial, weight, geom.groups)
     return dynamic_conv2d(x, weight, kernel, bias, *conv_args, strategy=strategy, modulation=factors)
 
@@ -209,6 +207,7 @@ class OmniRouter(Router):
         return kernel, filt, channel, spatial
 
 
+@register
 class ODConv2d(DynamicConv2d):
     """``W(x) = sum_i a_w,i * a_f (.) a_c (.) a_s (.) W_i`` (ODConv); ``experts`` is ``n`` (1: "ODConv 1x").
 
