@@ -62,6 +62,8 @@ class DynamicConv2d(nn.Module):
     info: ClassVar[KindInfo]
     #: Whether the kind has a bank of ``experts`` kernels (``experts`` is one of its options).
     has_experts: ClassVar[bool] = True
+    #: ``(start, end)`` of the router temperature annealed during fine-tuning, or ``None``: keep it.
+    temperature_annealing: ClassVar[tuple[float, float] | None] = None
 
     def __init__(
         self,
