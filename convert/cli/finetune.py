@@ -148,7 +148,7 @@ def finetune_cmd(
     if rank == 0:
         weights = "EMA" if state.history and state.history[-1].get("weights") == "ema" else "raw"
         out.print(
-            f"wrote {target} (epoch {state.epoch}, {weights} weights); training state in {saved[-1][0].name}"
+            f"wrote {target} (epoch {state.epoch}): {weights} weights; training state in {saved[-1][0].name}"
             if saved
             else f"wrote {target} (epoch {state.epoch})",
             soft_wrap=True,
@@ -185,7 +185,7 @@ def _resume_command(ctx: click.Context | None, checkpoint: Path, data: Path, tar
         elif param.is_flag:
             words.append(param.opts[0])
         else:
-            words += [param.opts[-1] if param.name == "output" else param.opts[0], str(value)]
+            words += [param.opts[0], str(value)]
     return shlex.join([*words, "--resume"])
 
 

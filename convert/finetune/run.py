@@ -102,7 +102,8 @@ def finetune(
             reporter.on_saved(sidecar, state.info["epoch"], state.info["step"])
 
     def on_epoch(log: EpochLog, chosen: nn.Module, state: TrainingState) -> None:
-        training = {**record, "epoch": log.epoch, "weights": log.weights, "history": state.info["history"]}
+        training = {**record, "epoch": log.epoch, "epochs": config.epochs, "weights": log.weights}
+        training["history"] = state.info["history"]
         save_checkpoint(chosen, output, overwrite=True, training=(training, {}))  # the model first, then its state
         on_save(state)
         if reporter.on_epoch is not None:
