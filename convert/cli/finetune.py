@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -31,6 +30,7 @@ def _o(name: str, *flags: str) -> Any:
 
 @command("finetune")
 def finetune_cmd(
+    ctx: typer.Context,
     checkpoint: Annotated[Path, typer.Argument(help="a converted .safetensors checkpoint")],
     data: Annotated[Path, typer.Argument(help="image folder: one subfolder per class (or train/ and val/)")],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="default: CHECKPOINT-finetuned")] = None,
@@ -122,7 +122,7 @@ def finetune_cmd(
         seed=seed,
         workers=workers,
     )
-    resume_command = _resume_command(click.get_current_context(silent=True), checkpoint, data, target)
+    resume_command = _resume_command(ctx, checkpoint, data, target)
     base = build_model(model) if model else None
     rank = int(os.environ.get("RANK", "0"))
     show = _Display(epochs, log_every, rank)
@@ -144,7 +144,7 @@ def finetune_cmd(
         except KeyboardInterrupt:
             show.bar.stop()
             err.print(_interrupted(target, saved, resume_command), markup=False, highlight=False, soft_wrap=True)
-            raise typer.Exit(130) from None
+            raise SystemExit(130) from None  # the shell's code for SIGINT
     if rank == 0:
         weights = "EMA" if state.history and state.history[-1].get("weights") == "ema" else "raw"
         out.print(
@@ -170,17 +170,17 @@ def _interrupted(target: Path, saved: list[tuple[Path, int, int]], resume_comman
     return f"interrupted: saved {where}: {model}the training state in {sidecar}; continue with:\n  {resume_command}"
 
 
-def _resume_command(ctx: click.Context | None, checkpoint: Path, data: Path, target: Path) -> str:
+def _resume_command(ctx: typer.Context | None, checkpoint: Path, data: Path, target: Path) -> str:
     """The command line as given, with ``--resume`` (and without ``--force``)."""
     words = ["dynconv", "finetune"]
-    if ctx is None or ctx.command.name != "finetune":  # called outside click: the essentials
+    if ctx is None:  # called outside the command line: the essentials
         return shlex.join([*words, str(checkpoint), str(data), "-o", str(target), "--resume"])
     for param in ctx.command.params:
         value = ctx.params.get(param.name)
         source = ctx.get_parameter_source(param.name)
         if source is None or source.name == "DEFAULT" or param.name in ("resume", "force", "debug"):
             continue
-        if isinstance(param, click.Argument):
+        if param.param_type_name == "argument":
             words.append(str(value))
         elif param.is_flag:
             words.append(param.opts[0])
