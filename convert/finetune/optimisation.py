@@ -7,7 +7,6 @@ multiplier, experts, the rest) feed ``timm.optim.create_optimizer_v2``; the sche
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
@@ -20,24 +19,17 @@ from .config import TrainConfig
 
 
 def optimizer_groups(model: nn.Module, config: TrainConfig) -> list[dict[str, Any]]:
-    """``dynconv.parameter_groups`` for ``config.opt``, each split by timm's no-weight-decay rule."""
-    params = inspect.signature(dynconv.parameter_groups).parameters
-    if "optimizer" in params:  # the round-3 signature: groups already carry lr, weight decay and the split
+    """``dynconv.parameter_groups`` for ``config.opt``: per-layer learning rates, timm's no-decay split."""
+    try:
         return dynconv.parameter_groups(
             model,
+            config.router_lr_scale,
             lr=config.lr,
             optimizer=config.opt,
-            router_lr_scale=config.router_lr_scale,
             weight_decay=config.weight_decay,
         )
-    groups = []
-    for group in dynconv.parameter_groups(model, config.router_lr_scale, lr=config.lr):
-        decay = [p for p in group["params"] if p.ndim > 1]
-        no_decay = [p for p in group["params"] if p.ndim <= 1]  # timm's rule: norms and biases
-        extra = {k: v for k, v in group.items() if k != "params"}
-        groups += [{**extra, "params": decay, "weight_decay": config.weight_decay}] if decay else []
-        groups += [{**extra, "params": no_decay, "weight_decay": 0.0}] if no_decay else []
-    return groups
+    except ValueError as exc:
+        raise UserError(f"optimizer {config.opt!r}: {exc}", cli_hint="--opt momentum") from None
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
