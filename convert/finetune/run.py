@@ -109,6 +109,8 @@ def finetune(
         if reporter.on_epoch is not None:
             reporter.on_epoch(log)
 
+    if not resume:
+        sidecar.unlink(missing_ok=True)  # overwriting (--force): the old run's state must not outlive it
     describe = {"classes": classes, "image_size": size, "preprocessing": prep.to_dict()}
     hooks = Hooks(reporter.on_start, reporter.on_step, on_epoch, on_save)
     return train_model(net, train_set, val_set, config, classes=classes, resume=saved, hooks=hooks, describe=describe)
