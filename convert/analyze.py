@@ -42,7 +42,8 @@ import dynconv
 from .checkpoint import load_checkpoint
 from .converter import CONVERSION_ATTR
 from .errors import UserError
-from .finetune import dynconv_input_size, image_folder_splits
+from .finetune import image_folder_splits
+from .preprocessing import Preprocessing, checkpoint_preprocessing
 from .recipe import name_matches
 
 #: A routing weight within this relative distance of the largest counts as a tie for the top.
@@ -212,13 +213,15 @@ def select_layers(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.
     return {n: m for n, m in layers.items() if any(name_matches(p, n) for p in patterns)}
 
 
-def analysis_dataset(data: Path, image_size: int, limit: int | None) -> tuple[Dataset, list[str]]:
+def analysis_dataset(
+    data: Path, image_size: int | None, limit: int | None, preprocessing: Preprocessing | None = None
+) -> tuple[Dataset, list[str]]:
     """The images to analyse (``val/`` of a train/val folder, else all) and the class names.
 
     Reads the folder as fine-tuning does (same resize and normalisation). ``limit`` takes
     that many images in a seeded random order, so every class stays represented.
     """
-    _, held_out, _ = image_folder_splits(data, image_size, 0.0, 0)
+    _, held_out, _ = image_folder_splits(data, image_size, 0.0, 0, preprocessing=preprocessing, augment=False)
     folder = held_out.dataset if isinstance(held_out, Subset) else held_out  # a flat folder: all of it
     dataset: Dataset = folder
     if limit is not None and limit < len(folder):
@@ -252,8 +255,9 @@ def analyze(
         raise UserError(f"the image limit must be at least 1, got {limit}")
     net = load_checkpoint(checkpoint, model=model).eval()
     chosen = select_layers(net, layers)
-    size = image_size or int(dynconv_input_size(net))
-    dataset, classes = analysis_dataset(data, size, limit)
+    prep = checkpoint_preprocessing(checkpoint, net)
+    size = image_size or prep.input_size[1]
+    dataset, classes = analysis_dataset(data, size, limit, prep)
     loader = DataLoader(dataset, batch_size=batch_size)
     sums = {name: _Accumulator(layer.experts, len(classes)) for name, layer in chosen.items()}
     per_channel: dict[str, bool] = {}

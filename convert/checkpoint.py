@@ -32,6 +32,7 @@ from .errors import OutputPathError, UserError, check_output_path
 from .folding import FOLDED_ATTR
 from .heads import replace_head
 from .models import ModelSource, tag_base
+from .preprocessing import resolve_preprocessing
 from .sharing import apply_groups
 from .surgery import build_layer, get_module, replace_all
 from .weights import with_module_versions
@@ -144,6 +145,7 @@ def save_checkpoint(
         structure["sharing"] = conversion.sharing
     if conversion.head is not None:
         structure["head"] = conversion.head
+    structure["preprocessing"] = resolve_preprocessing(model).to_dict()
     if training is not None:
         structure["training"] = training[0]
     try:
@@ -151,13 +153,18 @@ def save_checkpoint(
     except TypeError as exc:
         raise CheckpointError(f"the base model's constructor arguments are not JSON-serialisable: {exc}") from None
     meta = {**structure, "digest": {"algorithm": "sha256", "value": _digest(tensors, structure)}}
+    return write_safetensors_atomic(tensors, path, {METADATA_KEY: json.dumps(meta)})
+
+
+def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
+    """Write a safetensors file through a synced temporary file renamed into place: never half-written."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise CheckpointError(f"cannot write to folder {path.parent}: {exc.strerror or exc}") from None
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata={METADATA_KEY: json.dumps(meta)})
+        save_file(tensors, tmp, metadata=metadata)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_file_mode())  # mkstemp makes it owner-only; a checkpoint is an ordinary file

@@ -36,6 +36,7 @@ from dynconv.core.rules import fixed_batch_form
 
 from .errors import UserError, WorkFailedError, check_output_path, first_line
 from .folding import FoldResult, fold_batchnorm
+from .preprocessing import resolve_preprocessing
 from .verify import REL_TOL_TEXT, difference, output
 
 #: Batch sizes an export is checked at unless told otherwise (1 and more than the traced 2).
@@ -211,6 +212,7 @@ def export_onnx(
     program.model.metadata_props["dynconv.folded_batchnorms"] = str(len(folded.folded) if folded else 0)
     program.model.metadata_props["dynconv.batch"] = "dynamic" if batch is None else str(batch)
     program.model.metadata_props["dynconv.strategies"] = json.dumps(traced, sort_keys=True)
+    program.model.metadata_props["dynconv.preprocessing"] = json.dumps(resolve_preprocessing(model).to_dict())
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as staging:
         staged = Path(staging) / path.name
         program.save(staged)

@@ -8,10 +8,12 @@ routers, which start from zero.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from torch import nn
 
 from .inspection import dynamic_layers
+from .step_matching import optimizer_family
 
 
 def router_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
@@ -60,15 +62,56 @@ def set_trainable(
     return counts
 
 
-def parameter_groups(model: nn.Module, router_lr_scale: float = 1.0, **common: float) -> list[dict]:
-    """Optimizer groups: routers (learning rate scaled by ``router_lr_scale``) and the rest."""
-    routers = [p for p in router_parameters(model) if p.requires_grad]
-    ids = {id(p) for p in routers}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
-    groups = [{"params": others, **common}]
-    if routers:
-        group = {"params": routers, **common}
-        if "lr" in common:
-            group["lr"] = common["lr"] * router_lr_scale
-        groups.append(group)
-    return groups
+def _layer_multipliers(model: nn.Module, family: str) -> dict[int, tuple[str, float]]:
+    """Role and learning-rate multiplier of every parameter of the model's dynamic layers, by ``id``."""
+    found: dict[int, tuple[str, float]] = {}
+    for layer in dynamic_layers(model).values():
+        multipliers = layer.lr_multipliers(family)
+        for p in layer.router_parameters():
+            found.setdefault(id(p), ("routers", multipliers["router"]))
+        experts = {id(p) for p in layer.expert_parameters()}
+        for name, p in layer.named_parameters():
+            if id(p) not in found and id(p) in experts:
+                found[id(p)] = ("experts", multipliers.get(name.split(".")[0], 1.0))
+    return found
+
+
+def parameter_groups(
+    model: nn.Module,
+    router_lr_scale: float = 1.0,
+    *,
+    lr: float,
+    optimizer: str = "sgd",
+    **common: Any,
+) -> list[dict]:
+    """Optimizer groups: one step on a freshly converted model moves each kernel as a step on the original would.
+
+    Each group's ``lr`` is ``lr`` x the multiplier its layer declares for ``optimizer``'s family
+    (:meth:`DynamicConv2d.lr_multipliers`; routers also x ``router_lr_scale``), and a given
+    ``weight_decay`` is divided by it, so decay shrinks the kernel as the original's does. Biases and
+    1-D parameters get ``weight_decay`` 0 (timm's rule). Each group has a ``name`` (role, multiplier,
+    decay) and ``lr_multiplier``; the list goes straight into ``torch.optim`` or
+    ``timm.optim.create_optimizer_v2`` (whose schedulers keep the per-group ratios).
+    """
+    family = optimizer_family(optimizer)
+    weight_decay = common.pop("weight_decay", None)
+    roles = _layer_multipliers(model, family)
+    groups: dict[tuple[str, float, bool], dict] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        role, multiplier = roles.get(id(p), ("rest", 1.0))
+        if role == "routers":
+            multiplier *= router_lr_scale
+        decays = not (p.ndim <= 1 or name.endswith("bias"))
+        key = (role, multiplier, decays)
+        if key not in groups:
+            group = {"params": [], **common, "lr": lr * multiplier, "lr_multiplier": multiplier}
+            group["name"] = f"{role} x{multiplier:g} " + ("decay" if decays else "no_decay")
+            if not decays:
+                group["weight_decay"] = 0.0
+            elif weight_decay is not None:
+                group["weight_decay"] = weight_decay / multiplier
+            groups[key] = group
+        groups[key]["params"].append(p)
+    return list(groups.values())

@@ -72,7 +72,7 @@ def test_finetune_num_classes_on_a_1000_class_checkpoint(imagenet_checkpoint, di
     with torch.no_grad():
         assert convert.load_checkpoint(out)(torch.randn(1, 3, 32, 32)).shape == (1, 10)
     resumed = run("finetune", imagenet_checkpoint, digits, "-o", out, "--num-classes", 10, "--resume", *common)
-    assert resumed.exit_code == 0 and "epoch" not in resumed.stdout.split("wrote")[0]  # already at epoch 1 of 1
+    assert resumed.exit_code == 0 and "epoch 1/1" not in resumed.stdout.split("wrote")[0]  # already at epoch 1 of 1
 
 
 def test_finetune_takes_model_for_a_custom_checkpoint(digits, tmp_path) -> None:

@@ -65,6 +65,15 @@ def render_checkpoint(
     if meta.get("sharing"):
         shared = sum(len(g["layers"]) for g in meta["sharing"])
         info.add_row("shared routing", f"{len(meta['sharing'])} blocks, one router each ({shared} layers)")
+    if meta.get("preprocessing"):
+        prep = meta["preprocessing"]
+        info.add_row(
+            "preprocessing",
+            f"{'x'.join(map(str, prep['input_size'][1:]))}, mean {prep['mean']} std {prep['std']}, "
+            f"{prep['interpolation']}, crop {prep['crop_pct']:g} (from {prep['source']})",
+        )
+    for what, text in training_rows(path, meta, shapes):
+        info.add_row(what, text)
     info.add_row("written with", ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items()))
     info.add_row("digest", f"{meta['digest']['algorithm']} {meta['digest']['value'][:16]}…")
     console.print(info)
@@ -91,9 +100,59 @@ def render_checkpoint(
 
 
 def checkpoint_json(path: str, meta: dict[str, Any], shapes: dict[str, list[int]], size: int) -> dict[str, Any]:
-    """``dynconv inspect --json``: the metadata, the file's size and tensor count, and the layers."""
+    """``dynconv inspect --json``: the metadata, the file's size and tensor count, the layers, the training state."""
     layers = checkpoint_layers(meta, shapes)
-    return {**meta, "path": path, "file_size": size, "tensors": len(shapes), "layers": layers}
+    found = {"path": path, "file_size": size, "tensors": len(shapes), "layers": layers}
+    if meta.get("training"):
+        found["training_state"] = _training_state(path, meta, shapes)
+    return {**meta, **found}
+
+
+def _training_state(path: str, meta: dict[str, Any], shapes: dict[str, list[int]]) -> dict[str, Any]:
+    """Where a fine-tuned checkpoint's resumable state is: its sidecar (and its position), or inside the file."""
+    from ..checkpoint import TRAINING_PREFIX
+    from ..finetune.state import read_sidecar_info, sidecar_path
+
+    if any(name.startswith(TRAINING_PREFIX) for name in shapes):
+        return {"where": "inside the file (older dynconv)"}
+    sidecar = sidecar_path(Path(path))
+    try:
+        info = read_sidecar_info(sidecar)
+    except Exception:
+        return {"where": str(sidecar), "status": "damaged"}
+    if info is None:
+        return {"where": str(sidecar), "status": "missing"}
+    same = info.get("run") == meta["training"].get("run")
+    return {
+        "where": str(sidecar),
+        "status": "resumable" if same else "another run",
+        "epoch": info["epoch"],
+        "step": info["step"],
+    }
+
+
+def training_rows(path: str, meta: dict[str, Any], shapes: dict[str, list[int]]) -> list[tuple[str, str]]:
+    """``inspect`` rows for a fine-tuned checkpoint: its training record and where its training state is."""
+    training = meta.get("training")
+    if not training:
+        return []
+    history = training.get("history") or []
+    last = history[-1] if history else {}
+    epochs = training.get("epochs")
+    record = f"epoch {training.get('epoch', len(history))}" + (f" of {epochs}" if epochs else "")
+    if last:
+        record += f", val acc {last['val_acc']:.3f}"
+    if training.get("weights"):
+        record += f", {'EMA' if training['weights'] == 'ema' else 'raw'} weights"
+    if training.get("source"):
+        record += f", from {training['source']}"
+    state = _training_state(path, meta, shapes)
+    where = state["where"]
+    if "status" in state:
+        where += f" ({state['status']}" + (
+            f", at epoch {state['epoch']} step {state['step']})" if "epoch" in state else ")"
+        )
+    return [("fine-tuned", record), ("training state", where)]
 
 
 def verification_json(checkpoint: Path, y: torch.Tensor, check: Comparison | None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ from ..functional import STRATEGIES, dynamic_conv2d
 from ..geometry import ConvGeometry, IntPair, Padding, as_pair, tf_same_padding
 from ..routing import Router
 from ..standardization import WeightStandardization, standardized_routing
+from ..step_matching import matched_multiplier
 from .spec import KindInfo, OptionSpec, option_specs
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -62,6 +63,10 @@ class DynamicConv2d(nn.Module):
     info: ClassVar[KindInfo]
     #: Whether the kind has a bank of ``experts`` kernels (``experts`` is one of its options).
     has_experts: ClassVar[bool] = True
+    #: ``(start, end)`` of the router temperature annealed during fine-tuning, or ``None``: keep it.
+    temperature_annealing: ClassVar[tuple[float, float] | None] = None
+    #: The routers' learning rate relative to the original's in :func:`dynconv.parameter_groups`.
+    router_lr_multiplier: ClassVar[float] = 1.0
 
     def __init__(
         self,
@@ -159,6 +164,24 @@ class DynamicConv2d(nn.Module):
     def expert_parameters(self) -> list[nn.Parameter]:
         """Parameters that hold the kernels: the experts, their bias, a standardisation gain."""
         return [p for p in (self.weight, self.bias, self.gain, self.static_bias) if p is not None]
+
+    def lr_multipliers(self, family: str) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name (``"router"`` for every router parameter) under an optimizer
+        ``family`` (``sgd``, ``adam``, ``trust``), so a step on the freshly converted layer moves its kernel as a step
+        on the original conv moves the conv's.
+
+        Each expert is mixed with weight ``uniform_total / K`` and stored ``1 / uniform_total`` x the kernel
+        (see :meth:`from_conv`); a kind that parametrises its kernel otherwise overrides this.
+        """
+        total = self.router.uniform_total()
+        experts = matched_multiplier(family, [total / self.experts] * self.experts, scale=1.0 / total)
+        return {
+            "weight": experts,
+            "bias": experts,
+            "gain": 1.0,
+            "static_bias": 1.0,
+            "router": self.router_lr_multiplier,
+        }
 
     def fold_affine_(self, scale: Tensor, shift: Tensor) -> str:
         """Make the layer compute ``scale * layer(x) + shift`` per output channel (float64 inputs), in place.

@@ -242,6 +242,18 @@ class DCDConv2d(DynamicConv2d):
         """The kernels: ``W0``, its bias, ``Q`` and ``P`` (and a standardisation gain)."""
         return [*super().expert_parameters(), self.q, self.p]
 
+    def lr_multipliers(self, family: str) -> dict[str, float]:
+        """All ones but the router's: ``W0`` is the conv's kernel under ``Lambda = 1`` and the bias is static."""
+        return {
+            "weight": 1.0,
+            "bias": 1.0,
+            "gain": 1.0,
+            "static_bias": 1.0,
+            "q": 1.0,
+            "p": 1.0,
+            "router": self.router_lr_multiplier,
+        }
+
     @classmethod
     def from_conv(
         cls,

@@ -19,6 +19,7 @@ class DyConv2d(DynamicConv2d):
     """
 
     kind = "dyconv"
+    temperature_annealing = (30.0, 1.0)  # the paper's: 30 -> 1 over the first epochs
     info = KindInfo(
         title="Dynamic Convolution (Chen et al., CVPR 2020)",
         formula="W(x) = sum_k softmax(z(x) / T)_k W_k, bias likewise",

@@ -29,6 +29,7 @@ from ..functional import dynamic_conv2d
 from ..geometry import ConvGeometry, Padding
 from ..routing import Router, global_pool
 from ..standardization import WeightStandardization
+from ..step_matching import matched_multiplier
 from .base import TF_SAME, DynamicConv2d
 from .registry import register
 from .spec import Bounds, KindInfo
@@ -288,6 +289,11 @@ class ODConv2d(DynamicConv2d):
             with torch.no_grad():
                 layer.bias.copy_(conv.bias.detach().to(layer.bias.dtype).expand_as(layer.bias))
         return layer  # type: ignore[return-value]
+
+    def lr_multipliers(self, family: str) -> dict[str, float]:
+        """As every kind's for the kernel; the bias is mixed by the kernel attention alone (1/n each, unscaled)."""
+        bias = matched_multiplier(family, [1.0 / self.experts] * self.experts)
+        return {**super().lr_multipliers(family), "bias": bias}
 
     def forward(self, x: Tensor) -> Tensor:
         kernel, filt, channel, spatial = self.router(x)

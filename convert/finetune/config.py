@@ -1,0 +1,71 @@
+"""Fine-tuning settings: every default and its help text in one place; the CLI derives its options from here.
+
+Defaults are what a timm user fine-tuning a pretrained CNN picks: SGD with momentum 0.9
+(``opt="momentum"``), learning rate 0.01, weight decay 1e-4 (not on norms and biases),
+a cosine schedule with a one-epoch linear warm-up, per step. SGD rather than AdamW
+because a converted model starts at the original's accuracy: SGD-momentum is the
+recipe torchvision's and timm's CNN weights were fine-tuned with, and its step size
+does not depend on the second-moment estimates, which are empty for the fresh routers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+
+def _opt(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Fine-tuning settings; everything that changes the run is recorded with the output."""
+
+    epochs: int = _opt(5, "epochs in total (a resumed run continues to this)")
+    batch_size: int = _opt(64, "images per step, per process")
+    image_size: int | None = _opt(None, "square input size; default: the checkpoint's recorded preprocessing")
+    val_fraction: float = _opt(0.1, "held-out share of a folder without train/ and val/")
+    opt: str = _opt("momentum", "optimizer by timm name: sgd (Nesterov), momentum, adamw, lamb, ...")
+    lr: float = _opt(0.01, "peak learning rate (routers: x router_lr_scale)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    weight_decay: float = _opt(1e-4, "weight decay, not applied to norms and biases")
+    sched: str = _opt("cosine", "learning-rate schedule by timm name: cosine, step, none")
+    warmup_epochs: float = _opt(1.0, "linear warm-up from warmup_lr, in epochs (per step)")
+    warmup_lr: float = _opt(1e-5, "learning rate at the start of the warm-up")
+    min_lr: float = _opt(0.0, "learning rate at the end of the cosine schedule")
+    decay_epochs: float = _opt(2.0, "step schedule: epochs between decays (x0.1)")
+    smoothing: float = _opt(0.0, "label smoothing")
+    mixup: float = _opt(0.0, "mixup alpha (timm Mixup with soft-target cross-entropy); 0: off")
+    cutmix: float = _opt(0.0, "cutmix alpha; 0: off")
+    aa: str | None = _opt(None, "RandAugment policy, e.g. rand-m9-mstd0.5 (timm auto_augment)")
+    reprob: float = _opt(0.0, "random erasing probability")
+    clip_grad: float | None = _opt(None, "clip the gradient norm to this")
+    amp: str = _opt("off", "mixed precision: off, bf16 (CPU and CUDA), fp16 (CUDA, with a grad scaler)")
+    channels_last: bool = _opt(False, "channels-last memory format for the model and the inputs")
+    model_ema: bool = _opt(False, "keep an exponential moving average of the weights (timm ModelEmaV3)")
+    model_ema_decay: float = _opt(0.9998, "EMA decay per step")
+    temperature_epochs: float = _opt(
+        10.0, "epochs over which kinds that anneal their router temperature do so (DyConv: 30 -> 1); others keep theirs"
+    )
+    router_warmup_epochs: int = _opt(0, "first epochs train the routers only")
+    router_lr_scale: float = _opt(1.0, "router learning rate = lr x this")
+    max_steps_per_epoch: int | None = _opt(None, "cap steps per epoch (smoke runs)")
+    save_every_steps: int = _opt(0, "also save the resumable state every N steps inside an epoch; 0: at epoch ends")
+    seed: int = _opt(0, "data split, order, augmentation and new-head seed")
+    workers: int = _opt(0, "data-loading processes (0: in the training process, exact resume mid-epoch)")
+
+    def recorded(self) -> dict[str, Any]:
+        """The settings that must match for a resume to continue the same run."""
+        skip = {"workers", "epochs", "save_every_steps"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+
+def default(name: str) -> Any:
+    """The default of setting ``name``."""
+    return TrainConfig.__dataclass_fields__[name].default
+
+
+def help_text(name: str) -> str:
+    """The help text of setting ``name``."""
+    return TrainConfig.__dataclass_fields__[name].metadata["help"]
