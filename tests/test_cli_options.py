@@ -78,7 +78,7 @@ def test_recipe_file_with_experts_for_dcd_is_refused_by_the_cli(tmp_path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dcd.yaml"]
 
 
-@pytest.mark.parametrize("columns", [60, 80, 100])
+@pytest.mark.parametrize("columns", [60, 80])
 def test_kinds_fits_the_terminal(columns: int) -> None:
     done = dynconv("kinds", columns=columns)
     assert done.returncode == 0, done.stderr

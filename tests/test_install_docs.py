@@ -15,15 +15,12 @@ def set_up_section() -> str:
     return found.group(1)
 
 
-def test_set_up_names_the_install_size_and_the_cpu_wheel_index() -> None:
+def test_set_up_names_the_install_size_and_the_cpu_wheel_index_and_keeps_the_pinned_default() -> None:
     section = set_up_section()
     assert "5.6" in section and "GB" in section and "CUDA" in section
     commands = [line for line in section.splitlines() if CPU_INDEX in line]
     assert len(commands) == 1, "one command installs torch from the CPU index"
     assert "-c constraints.txt" in commands[0] and "torch torchvision" in commands[0]  # the pinned versions
-
-
-def test_the_pinned_default_install_stays_off_the_cpu_index() -> None:
     for tag in ("ci:install", "ci:test"):
         block = re.search(rf"<!-- {tag} -->\n```bash\n(.*?)```", README, re.S)
         assert block and "pip install -c constraints.txt -e " in block.group(1) and "index-url" not in block.group(1)
