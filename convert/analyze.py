@@ -64,6 +64,7 @@ UNIFORM = "uniform: routing has not learned"
 COLLAPSED = "collapsed to one expert"
 INPUT_DEPENDENT = "input-dependent"
 FIXED_MIX = "fixed mix: the same for every input"
+OFF = "off: every routing weight is 0"
 
 
 def verdict(margin: float, variation: float, top_weight: float, experts: int) -> str:
@@ -74,6 +75,8 @@ def verdict(margin: float, variation: float, top_weight: float, experts: int) ->
     the routing varies over images by at least ``UNIFORM_BELOW`` of a uniform weight; else a
     fixed, non-uniform mix (the experts are averaged the same way for every image).
     """
+    if experts > 1 and top_weight == 0.0:  # sigmoid routing saturated at 0: the layer outputs its bias only
+        return OFF
     if experts > 1 and top_weight >= COLLAPSED_FROM:
         return COLLAPSED
     if experts == 1 or (margin < UNIFORM_BELOW and variation < UNIFORM_BELOW):
@@ -132,7 +135,7 @@ class Analysis:
         mean_entropy = sum(s.entropy for s in self.layers) / max(len(self.layers), 1)
         counts = ", ".join(
             f"{sum(s.verdict == v for s in self.layers)} {v.split(':')[0]}"
-            for v in (UNIFORM, INPUT_DEPENDENT, FIXED_MIX, COLLAPSED)
+            for v in (UNIFORM, INPUT_DEPENDENT, FIXED_MIX, COLLAPSED, OFF)
         )
         text = (
             f"{self.images} images, {len(self.classes)} classes, {len(self.layers)} layers in {self.seconds:.1f} s "
@@ -187,7 +190,7 @@ class _Accumulator:
         peak = p.amax(1, keepdim=True)
         ties = (p >= peak * (1 - TIE)).double()
         ties = ties / ties.sum(1, keepdim=True)
-        margin = (peak.squeeze(1) - 1 / k) / (1 - 1 / k) if k > 1 else torch.zeros_like(peak.squeeze(1))
+        margin = ((peak.squeeze(1) - 1 / k) / (1 - 1 / k)).clamp_min(0.0) if k > 1 else torch.zeros_like(peak[:, 0])
         if r.dim() == 3:  # per output channel: (sample, channel) pairs are the decisions
             entropy, ties, weights, margin = entropy.mean(-1), ties.mean(-1), r.mean(-1), margin.mean(-1)
         else:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .analyze import COLLAPSED, FIXED_MIX, INPUT_DEPENDENT, UNIFORM, Analysis, LayerStats
+from .analyze import COLLAPSED, FIXED_MIX, INPUT_DEPENDENT, OFF, UNIFORM, Analysis, LayerStats
 from .errors import UserError
 
 #: The files :func:`write_figures` writes (the class figures only when the folder has classes).
@@ -63,7 +63,13 @@ def _depth_axis(axes: Any, layers: list[LayerStats]) -> None:
 
 
 #: The verdicts, in legend order, with their marker colours.
-VERDICT_COLOURS = {UNIFORM: "tab:gray", FIXED_MIX: "tab:orange", INPUT_DEPENDENT: "tab:green", COLLAPSED: "tab:red"}
+VERDICT_COLOURS = {
+    UNIFORM: "tab:gray",
+    FIXED_MIX: "tab:orange",
+    INPUT_DEPENDENT: "tab:green",
+    COLLAPSED: "tab:red",
+    OFF: "black",
+}
 #: The heat map's colour scale reaches at least this far from uniform, so rounding noise stays pale.
 HEATMAP_MIN_RANGE = 0.05
 

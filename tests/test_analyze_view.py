@@ -29,17 +29,18 @@ FORCED = {
     f"{BLOCK}.2": ("input", routing.INPUT_DEPENDENT),
     f"{BLOCK}.4": ("one expert", routing.COLLAPSED),
     f"{BLOCK}.6": ("fixed", routing.FIXED_MIX),
+    f"{BLOCK}.8": ("off", routing.OFF),
 }
 
 
 class LongNames(nn.Module):
-    """A stem and four 3x3 convs under a long block name (the stem stays static)."""
+    """A stem and five 3x3 convs under a long block name (the stem stays static)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.stem = nn.Conv2d(3, 8, 3, padding=1)
         layers: list[nn.Module] = []
-        for _ in range(4):
+        for _ in range(5):
             layers += [nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()]
         self.encoder = nn.ModuleDict({"stage1_residual_block0": nn.Sequential(*layers[:-1])})
         self.fc = nn.Linear(8, 10)
@@ -66,6 +67,8 @@ def force(layer: nn.Module, how: str, pooled: torch.Tensor) -> None:
             fc.bias.copy_(torch.tensor([8.0, -8.0, -8.0, -8.0]))
         elif how == "fixed":  # expert 0 favoured the same way for every image
             fc.bias.copy_(torch.tensor([1.5, 0.0, 0.0, 0.0]))
+        elif how == "off":  # sigmoid saturated at 0 for every expert: no kernel at all
+            fc.bias.fill_(-200.0)
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +115,14 @@ def analysis(forced, digits) -> routing.Analysis:
 
 def test_each_forced_routing_gets_its_verdict(analysis) -> None:
     assert {s.name: s.verdict for s in analysis.layers} == {name: v for name, (_, v) in FORCED.items()}
-    uniform, varied, collapsed, fixed = (analysis.layer(name) for name in FORCED)
+    uniform, varied, collapsed, fixed, off = (analysis.layer(name) for name in FORCED)
     assert uniform.margin == pytest.approx(0.0, abs=1e-9) and uniform.variation == pytest.approx(0.0, abs=1e-6)
     assert varied.variation >= routing.UNIFORM_BELOW and collapsed.top_weight >= routing.COLLAPSED_FROM
     assert fixed.margin >= routing.UNIFORM_BELOW and fixed.variation < 1e-6
+    assert off.top_weight == 0.0 and off.margin == 0.0  # not read as uniform, nor as below uniform
     data = analysis.to_json()
     assert [entry["verdict"] for entry in data["layers"]] == [v for _, v in FORCED.values()]
-    assert "1 uniform, 1 input-dependent, 1 fixed mix, 1 collapsed to one expert" in data["summary"]
+    assert "1 uniform, 1 input-dependent, 1 fixed mix, 1 collapsed to one expert, 1 off" in data["summary"]
 
 
 def test_uniform_routing_names_no_top_expert(analysis) -> None:
