@@ -14,7 +14,14 @@ layer, accumulates (in float64, batch by batch, so memory does not grow with the
   ``noise * sqrt((K - 1) / K)``: their ratio says how far the experts moved apart since;
 - with classes (one subfolder per class): ``class_means``, the mean routing weights per
   class, and ``class_ratio``, the between-class over the within-class variance of the
-  routing vectors (0 when the routing ignores the class, large when it is class-specific).
+  routing vectors (0 when the routing ignores the class, large when it is class-specific);
+- ``margin``: how far the top expert of a decision stands above uniform, ``(max_k p_k - 1/K) /
+  (1 - 1/K)`` averaged over decisions: 0 = uniform, 1 = one expert takes all;
+- ``variation``: how much the routing changes from image to image, the RMS over experts of
+  the standard deviation of ``p_k`` over the images, in units of the uniform weight ``1/K``;
+- ``top_weight``: the mean weight ``p_k`` of the expert with the largest mean, so the share
+  of the average kernel that one expert makes;
+- ``verdict``: those three in words (see :func:`verdict`).
 
 DyNet routes per output channel (``[B, K, C_out]``): each (sample, output channel) pair
 is one routing decision for the entropy and the top expert; mean weights and class means
@@ -48,6 +55,34 @@ from .recipe import name_matches
 
 #: A routing weight within this relative distance of the largest counts as a tie for the top.
 TIE = 1e-6
+#: Below this margin over uniform (5% of the way to one expert) and this variation over images (a
+#: routing weight moving by 5% of 1/K), the routing is the conversion's uniform one for all practical ends.
+UNIFORM_BELOW = 0.05
+#: One expert making at least this share of the average kernel: the layer is that expert, a static conv.
+COLLAPSED_FROM = 0.9
+
+UNIFORM = "uniform: routing has not learned"
+COLLAPSED = "collapsed to one expert"
+INPUT_DEPENDENT = "input-dependent"
+FIXED_MIX = "fixed mix: the same for every input"
+OFF = "off: every routing weight is 0"
+
+
+def verdict(margin: float, variation: float, top_weight: float, experts: int) -> str:
+    """What a layer's routing does, in words, from its measured statistics.
+
+    Collapsed when one expert makes ``COLLAPSED_FROM`` of the average kernel; uniform when no
+    decision leaves uniform by ``UNIFORM_BELOW`` and nor does any image; input-dependent when
+    the routing varies over images by at least ``UNIFORM_BELOW`` of a uniform weight; else a
+    fixed, non-uniform mix (the experts are averaged the same way for every image).
+    """
+    if experts > 1 and top_weight == 0.0:  # sigmoid routing saturated at 0: the layer outputs its bias only
+        return OFF
+    if experts > 1 and top_weight >= COLLAPSED_FROM:
+        return COLLAPSED
+    if experts == 1 or (margin < UNIFORM_BELOW and variation < UNIFORM_BELOW):
+        return UNIFORM
+    return INPUT_DEPENDENT if variation >= UNIFORM_BELOW else FIXED_MIX
 
 
 @dataclass
@@ -63,6 +98,10 @@ class LayerStats:
     top_share: list[float]
     spread: float | None
     spread_at_conversion: float | None
+    margin: float = 0.0
+    variation: float = 0.0
+    top_weight: float = 0.0
+    verdict: str = UNIFORM
     class_ratio: float | None = None
     class_means: list[list[float]] | None = None
     routing_block: str | None = None  # the block whose shared router this layer uses
@@ -92,15 +131,16 @@ class Analysis:
         return next(s for s in self.layers if s.name == name)
 
     def summary(self) -> str:
-        """One line: data, speed, mean entropy, near-uniform and collapsed layers, the most class-specific layer."""
+        """One line: data, speed, mean entropy, how many layers got each verdict, the most class-specific layer."""
         rate = self.images / self.seconds if self.seconds > 0 else float("nan")
         mean_entropy = sum(s.entropy for s in self.layers) / max(len(self.layers), 1)
-        uniform = sum(s.entropy > 0.99 for s in self.layers)
-        collapsed = sum(max(s.top_share) >= 0.9 and s.entropy < 0.5 and s.experts > 1 for s in self.layers)
+        counts = ", ".join(
+            f"{sum(s.verdict == v for s in self.layers)} {v.split(':')[0]}"
+            for v in (UNIFORM, INPUT_DEPENDENT, FIXED_MIX, COLLAPSED, OFF)
+        )
         text = (
             f"{self.images} images, {len(self.classes)} classes, {len(self.layers)} layers in {self.seconds:.1f} s "
-            f"({rate:.0f} images/s): mean entropy {mean_entropy:.3f} (1 = uniform); {uniform} layers near uniform "
-            f"(entropy > 0.99), {collapsed} collapsed (entropy < 0.5, one expert on top for >= 90% of decisions)"
+            f"({rate:.0f} images/s): mean entropy {mean_entropy:.3f} (1 = uniform); layers: {counts}"
         )
         ratios = [s for s in self.layers if s.class_ratio is not None]
         if ratios:
@@ -136,6 +176,9 @@ class _Accumulator:
         self.squares = 0.0
         self.class_sum: Tensor | None = None
         self.class_count = torch.zeros(classes, dtype=torch.float64)
+        self.margin = 0.0
+        self.share_sum: Tensor | None = None  # sum over images of p, per expert (and output channel)
+        self.share_squares: Tensor | None = None
 
     def add(self, routing: Tensor, labels: Tensor) -> None:
         r = routing.detach().to("cpu", torch.float64)  # [B, K] or [B, K, C]
@@ -148,10 +191,18 @@ class _Accumulator:
         peak = p.amax(1, keepdim=True)
         ties = (p >= peak * (1 - TIE)).double()
         ties = ties / ties.sum(1, keepdim=True)
+        margin = ((peak.squeeze(1) - 1 / k) / (1 - 1 / k)).clamp_min(0.0) if k > 1 else torch.zeros_like(peak[:, 0])
         if r.dim() == 3:  # per output channel: (sample, channel) pairs are the decisions
-            entropy, ties, weights = entropy.mean(-1), ties.mean(-1), r.mean(-1)
+            entropy, ties, weights, margin = entropy.mean(-1), ties.mean(-1), r.mean(-1), margin.mean(-1)
         else:
             weights = r
+        self.margin += float(margin.sum())
+        shares = p.flatten(1)
+        if self.share_sum is None:
+            self.share_sum = torch.zeros(shares.shape[1], dtype=torch.float64)
+            self.share_squares = torch.zeros(shares.shape[1], dtype=torch.float64)
+        self.share_sum += shares.sum(0)
+        self.share_squares += (shares * shares).sum(0)
         self.count += r.shape[0]
         self.entropy += float(entropy.sum())
         self.top += ties.sum(0)
@@ -162,6 +213,15 @@ class _Accumulator:
             self.class_sum = torch.zeros(self.classes, vectors.shape[1], dtype=torch.float64)
         self.class_sum.index_add_(0, labels, vectors)
         self.class_count += torch.bincount(labels, minlength=self.classes).double()
+
+    def share_statistics(self) -> tuple[float, float, float]:
+        """``(margin, variation, top_weight)`` of the decisions so far (see the module docstring)."""
+        assert self.share_sum is not None and self.share_squares is not None
+        mean = self.share_sum / self.count  # [K] or [K * C]
+        variance = (self.share_squares / self.count - mean * mean).clamp_min(0.0)
+        variation = float(variance.mean().sqrt()) * self.experts
+        top_weight = float(mean.reshape(self.experts, -1).amax(0).mean())
+        return self.margin / self.count, variation, top_weight
 
     def class_statistics(self, per_channel: bool) -> tuple[float | None, list[list[float]]]:
         """``(between / within class variance ratio, mean weights per class [classes][K])``."""
@@ -280,6 +340,7 @@ def analyze(
             continue
         ratio, means = acc.class_statistics(per_channel[name]) if len(classes) > 1 else (None, None)
         share = layer._modules.get("routing_share")
+        margin, variation, top_weight = acc.share_statistics()
         analysis.layers.append(
             LayerStats(
                 name=name,
@@ -291,6 +352,10 @@ def analyze(
                 top_share=(acc.top / acc.count).tolist(),
                 spread=expert_spread(layer),
                 spread_at_conversion=noise * math.sqrt((layer.experts - 1) / layer.experts),
+                margin=margin,
+                variation=variation,
+                top_weight=top_weight,
+                verdict=verdict(margin, variation, top_weight, layer.experts),
                 class_ratio=ratio,
                 class_means=means,
                 routing_block=None if share is None else share.block,

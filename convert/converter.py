@@ -26,7 +26,7 @@ from .heads import replace_head
 from .identify import base_of
 from .models import ModelSource
 from .probe import ConvSite, default_input_size, find_convs, is_already_dynamic, probe
-from .recipe import Recipe, load_recipe, name_matches
+from .recipe import Recipe, check_kind_options, load_recipe, name_matches
 from .selection import (
     RuleReport,
     check_patterns,
@@ -192,14 +192,12 @@ def convert_model(
     each block share one router fed by the block's input (see :mod:`convert.sharing`).
     """
     spec = load_recipe(recipe)
-    if kind is not None and kind not in LAYERS:
-        raise UserError(f"unknown kind {kind!r}; choose from {', '.join(LAYERS)}")
     if experts is not None and (not isinstance(experts, int) or experts < 1):
         raise UserError(f"experts must be a positive integer, got {experts!r}")
     if noise is not None and noise < 0:
         raise UserError(f"noise must be >= 0, got {noise}")
     given = {"kind": kind, "experts": experts, "noise": noise, "share_routing": check_mode(share_routing)}
-    overrides = {k: v for k, v in given.items() if v is not None}
+    overrides = check_kind_options(spec, given)  # --kind DyConv is dyconv; dcd takes no experts
     seed = seed if seed is not None else (spec.defaults.seed or 0)
     include = [include] if isinstance(include, str) else list(include or [])
     exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])

@@ -30,6 +30,8 @@ from .models import ModelSource
 ConvType = Literal["pointwise", "depthwise", "spatial"]
 #: The weakest level of the precedence order: what a conv gets when nothing else says.
 BUILTIN_DEFAULTS: dict[str, Any] = {"kind": "condconv", "experts": 4, "noise": 0.01}
+#: Options that apply to every kind (the rest are checked by :func:`check_kind_options`).
+_SHARED_OPTIONS = frozenset({"kind", "noise", "seed", "share_routing"})
 
 
 class RecipeError(UserError):
@@ -67,13 +69,64 @@ class CommonOptions(_Strict):
     @field_validator("kind")
     @classmethod
     def _registered_kind(cls, kind: str | None) -> str | None:
-        if kind is not None and kind not in LAYERS:
-            raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(LAYERS)}")
-        return kind
+        return None if kind is None else canonical_kind(kind)
 
     def set_options(self) -> dict[str, Any]:
         """The options this level sets (those not left at ``None``)."""
         return {k: v for k, v in self.model_dump(exclude={"match", "skip", "seed"}).items() if v is not None}
+
+
+def canonical_kind(kind: str) -> str:
+    """The registered kind called ``kind``, in any case (``DyConv`` -> ``dyconv``); ``ValueError`` if none is."""
+    names = {name.lower(): name for name in LAYERS}
+    if not isinstance(kind, str) or kind.lower() not in names:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(LAYERS)}")
+    return names[kind.lower()]
+
+
+def kind_options(kind: str) -> tuple[str, ...]:
+    """The options ``kind`` takes besides ``kind``/``noise``/``seed``/``share_routing``: ``experts``
+    when it has a bank of experts, then its router options."""
+    cls = LAYERS[kind]
+    return (("experts",) if cls.has_experts else ()) + cls.router_option_names()
+
+
+def _refuse_foreign(options: dict[str, Any], kinds: set[str], where: str, error: type[UserError]) -> None:
+    """Raise ``error`` when an option of ``options`` is taken by none of ``kinds`` (it would be ignored)."""
+    for option in options:
+        if option in _SHARED_OPTIONS or any(option in kind_options(k) for k in kinds):
+            continue
+        takes = "; ".join(f"{k} takes {', '.join(kind_options(k)) or 'no option of its own'}" for k in sorted(kinds))
+        reason = " (it has no experts)" if option == "experts" and len(kinds) == 1 else ""
+        named = " or ".join(sorted(kinds))
+        raise error(f"{where}kind {named} does not take {option}{reason}, so it would be ignored; {takes}")
+
+
+def check_kind_options(
+    recipe: Recipe, overrides: dict[str, Any] | None = None, source: str = "recipe"
+) -> dict[str, Any]:
+    """The one check that every option given applies to its kind; returns ``overrides`` with the kind's
+    registered spelling.
+
+    The recipe's levels are checked against the recipe's kinds (its defaults' kind, or a rule's
+    own kind, plus the kinds its rules switch to); ``overrides`` (the CLI's flags, ``convert_model``'s
+    arguments) against the kind they resolve to. ``convert_model``, the CLI and recipe validation
+    all call this, so ``--kind dcd --experts 8`` fails alike everywhere.
+    """
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if "kind" in given:
+        try:
+            given["kind"] = canonical_kind(given["kind"])
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+    own_kind = recipe.defaults.kind or BUILTIN_DEFAULTS["kind"]
+    switched = {rule.kind for rule in recipe.rules if rule.kind is not None}
+    _refuse_foreign(recipe.defaults.set_options(), {own_kind, *switched}, f"{source}: defaults: ", RecipeError)
+    for index, rule in enumerate(recipe.rules):
+        kinds = {rule.kind} if rule.kind is not None else {own_kind, *switched}
+        _refuse_foreign(rule.set_options(), kinds, f"{source}: rules[{index}]: ", RecipeError)
+    _refuse_foreign(given, {given.get("kind", own_kind), *switched}, "", UserError)
+    return given
 
 
 def _kind_option_fields(layers: tuple[type[DynamicConv2d], ...]) -> dict[str, Any]:
@@ -163,9 +216,11 @@ class Recipe(_Strict):
     def validate_data(data: Any, source: str, node: yaml.Node | None = None) -> Recipe:
         """Validate ``data`` against the schema of the kinds registered now."""
         try:
-            return _current_schema().model_validate(data)
+            recipe = _current_schema().model_validate(data)
         except ValidationError as exc:
             raise RecipeError(_describe(exc, source, node)) from None
+        check_kind_options(recipe, source=source)
+        return recipe
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> Recipe:

@@ -9,10 +9,10 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from ..analyze import Analysis, analyze
+from ..analyze import UNIFORM, Analysis, LayerStats, analyze
 from .common import Debug, Json, UsageError, command, err, out
+from .fit import Col, fitted_table
 
 ROUTING_JSON = "routing.json"
 
@@ -31,40 +31,66 @@ def _weights(values: list[float]) -> str:
     return " ".join(f"{v:.2f}" for v in values)
 
 
-def analysis_table(analysis: Analysis) -> Table:
-    """One row per layer: experts, entropy, top expert, mean weights, expert spread, class ratio."""
-    table = Table(title=f"Routing over {analysis.images} images of {analysis.data}", title_justify="left")
-    table.add_column("layer", overflow="fold")
-    table.add_column("K", justify="right")
-    table.add_column("entropy", justify="right")
-    table.add_column("top expert", justify="right")
-    table.add_column("mean weight per expert", overflow="fold")
-    table.add_column("spread", justify="right")
-    table.add_column("class ratio", justify="right")
+#: The columns of the analysis table, and the order in which a narrow terminal drops them.
+COLUMNS = [
+    Col("layer", whole=True),
+    Col("K", "right"),
+    Col("entropy", "right"),
+    Col("margin", "right"),
+    Col("varies", "right"),
+    Col("top expert", "right"),
+    Col("mean weights"),
+    Col("spread", "right"),
+    Col("class ratio", "right"),
+    Col("verdict", whole=True),
+]
+DROP = ("mean weights", "class ratio", "K", "spread", "top expert", "varies", "margin", "entropy")
+
+
+def _top_expert(stats: LayerStats) -> str:
+    """The expert that wins most decisions and how often, or ``none (uniform)`` when no expert stands out."""
+    if stats.verdict == UNIFORM:
+        return "none (uniform)"
+    top = max(range(stats.experts), key=lambda k: stats.top_share[k])
+    return f"e{top} {100 * stats.top_share[top]:.0f}%"
+
+
+def analysis_rows(analysis: Analysis) -> list[list[str]]:
+    """One row of :data:`COLUMNS` per layer."""
+    rows = []
     for stats in analysis.layers:
-        top = max(range(stats.experts), key=lambda k: stats.top_share[k])
         moved = stats.moved
         spread = "—" if stats.spread is None else f"{stats.spread:.3f}" + (f" ({moved:.1f}×)" if moved else "")
         ratio = "—" if stats.class_ratio is None else f"{stats.class_ratio:.3g}"
         name = stats.name + (" (shared)" if stats.routing_block else "") + (" (per channel)" * stats.per_channel)
-        table.add_row(
-            name,
-            str(stats.experts),
-            f"{stats.entropy:.3f}",
-            f"e{top} {100 * stats.top_share[top]:.0f}%",
-            _weights(stats.mean_routing),
-            spread,
-            ratio,
+        rows.append(
+            [
+                name,
+                str(stats.experts),
+                f"{stats.entropy:.3f}",
+                f"{stats.margin:.3f}",
+                f"{stats.variation:.3f}",
+                _top_expert(stats),
+                _weights(stats.mean_routing),
+                spread,
+                ratio,
+                stats.verdict,
+            ]
         )
-    return table
+    return rows
 
 
 def render_analysis(console: Console, analysis: Analysis, written: list[Path]) -> None:
-    """The per-layer table, a legend, the summary line and the files written."""
-    console.print(analysis_table(analysis))
+    """The per-layer table (fitted to the terminal: names stay whole), a legend, the summary and the files."""
+    title = f"Routing over {analysis.images} images of {analysis.data}"
+    rows = analysis_rows(analysis)
+    console.print(fitted_table(console, COLUMNS, rows, drop=DROP, title=title, title_justify="left"))
     console.print(
-        "entropy: 1 = uniform over the experts; top expert: share of decisions it wins; spread: relative distance "
-        "of the experts (× its value at conversion); class ratio: between/within class variance of the routing",
+        "entropy: 1 = uniform over the experts; margin: how far the top expert stands above uniform "
+        "(0 = uniform, 1 = one expert); varies: how much the routing changes from image to image (in units of "
+        "the uniform weight 1/K); top expert: share of decisions it wins; mean weights: per expert; spread: "
+        "relative distance of the experts (× its value at conversion); class ratio: between/within class variance "
+        "of the routing",
         style="dim",
         highlight=False,
     )

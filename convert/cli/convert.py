@@ -17,7 +17,7 @@ from .. import catalog
 from ..checkpoint import save_checkpoint
 from ..converter import ConversionWarningCategory, convert_model
 from ..models import build_model, resolve_source
-from ..recipe import Recipe, load_recipe
+from ..recipe import Recipe, check_kind_options, load_recipe
 from ..sharing import SHARE_MODES
 from ..verify import compare
 from ..weights import load_weights
@@ -78,8 +78,6 @@ def convert_cmd(
             raise UsageError(f"--experts must be at least 1, got {experts}")
         if num_classes is not None and num_classes < 1:
             raise UsageError(f"--num-classes must be at least 1, got {num_classes}")
-        if kind is not None and kind not in dynconv.LAYERS:
-            raise UsageError(f"unknown kind {kind!r}; choose one of {', '.join(dynconv.LAYERS)}")
         if share_routing is not None and share_routing not in SHARE_MODES:
             raise UsageError(f"--share-routing must be one of {', '.join(SHARE_MODES)}, got {share_routing!r}")
         if weights is not None and not weights.is_file():
@@ -91,9 +89,10 @@ def convert_cmd(
         if name is None:
             raise UsageError("name a MODEL (e.g. resnet18), or a --recipe that names one")
         resolve_source(name)
-        overrides = {k: v for k, v in {"kind": kind, "experts": experts}.items() if v is not None}
+        overrides = check_kind_options(load_recipe(spec), {"kind": kind, "experts": experts})
         chosen = load_recipe(spec).options(overrides)
-        path = output or default_output(name, chosen["kind"], chosen["experts"])
+        bank = chosen["experts"] if dynconv.LAYERS[chosen["kind"]].has_experts else 1
+        path = output or default_output(name, chosen["kind"], bank)
         if not dry_run:
             check_output(path, force, "--output")
         return name, kwargs, spec, path

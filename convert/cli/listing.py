@@ -40,7 +40,8 @@ def recipes_cmd(debug: Debug = False) -> None:
 @command("kinds")
 def kinds_cmd(debug: Debug = False) -> None:
     """List the dynamic convolution kinds: formula, routing, parameter cost, speed and options."""
-    out.print(render.kinds_text(dynconv.LAYERS), markup=False, highlight=False, soft_wrap=True)
+    text = render.kinds_text(dynconv.LAYERS, width=out.width - 1)
+    out.print(text, markup=False, highlight=False, soft_wrap=True)
 
 
 @command("version")

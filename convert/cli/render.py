@@ -267,12 +267,15 @@ def plain(text: str) -> str:
 
 
 def kinds_text(layers: Mapping[str, type[DynamicConv2d]], width: int = 78) -> str:
-    """``dynconv kinds``: each kind's paper, formula, routing, cost, speed and options, as plain text."""
+    """``dynconv kinds``: each kind's paper, formula, routing, cost, speed and options, as plain text
+    no line of which is wider than ``width`` (the terminal's)."""
+    width = max(width, 40)  # below that the labels leave no room: lines may then run over
     blocks = []
     for name, cls in layers.items():
         info = cls.info
         options = ", ".join(f"{o.name}={o.default!r}" for o in cls.option_specs().values()) or "none"
-        lines = [f"{name}  {plain(info.title)}  (dynconv.{cls.__name__})"]
+        header = f"{name}  {plain(info.title)}  (dynconv.{cls.__name__})"
+        lines = textwrap.wrap(header, width, subsequent_indent=" " * (len(name) + 2), break_on_hyphens=False)
         for label, text in (
             ("kernel", info.formula),
             ("routing", info.routing),
