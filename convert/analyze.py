@@ -162,6 +162,12 @@ class _Accumulator:
         self.class_sum.index_add_(0, labels, vectors)
         self.class_count += torch.bincount(labels, minlength=self.classes).double()
 
+    def vector_moments(self) -> tuple[Tensor, float]:
+        """``(mean routing vector, mean squared distance of a sample's vector from it)``, vectors flattened."""
+        assert self.class_sum is not None
+        mean = self.class_sum.sum(0) / self.count
+        return mean, max(self.squares / self.count - float((mean * mean).sum()), 0.0)
+
     def class_statistics(self, per_channel: bool) -> tuple[float | None, list[list[float]]]:
         """``(between / within class variance ratio, mean weights per class [classes][K])``."""
         assert self.class_sum is not None
