@@ -21,6 +21,7 @@ from convert.verify import difference
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from cli_runner import run  # noqa: E402
 from digits import write_digits  # noqa: E402
 
 DYNCONV = Path(sys.executable).with_name("dynconv")
@@ -114,10 +115,10 @@ def test_the_collapsed_checkpoint_round_trips_and_records_its_collapsed_layers(b
         assert torch.equal(loaded(x), budget_zero.model(x))
     again = convert.save_checkpoint(loaded, tmp_path / "again.safetensors")
     assert read_metadata(again)["digest"] == meta["digest"]
-    shown = dynconv_cli("inspect", path)
-    assert shown.returncode == 0 and f"1 static again: {CONSTANT}" in shown.stdout, shown.stderr
-    verified = dynconv_cli("verify", path)
-    assert verified.returncode == 0 and "3 dynamic layers, 1 collapsed" in verified.stdout, verified.stderr
+    shown = run("inspect", path)
+    assert shown.exit_code == 0 and f"1 static again: {CONSTANT}" in shown.stdout, shown.stderr
+    verified = run("verify", path)
+    assert verified.exit_code == 0 and "3 dynamic layers, 1 collapsed" in verified.stdout, verified.stderr
 
 
 def test_a_fully_collapsed_model_is_the_original_architecture(routed, tmp_path) -> None:
