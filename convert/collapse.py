@@ -147,16 +147,16 @@ def _measure_routing(
     return moments, torch.cat(outputs)
 
 
-def _layer_inputs(net: nn.Module, layers: dict[str, nn.Module], image: Tensor) -> dict[str, Tensor]:
-    """Each layer's input for one image (batch 1)."""
+def module_inputs(model: nn.Module, names: Iterable[str], x: Tensor) -> dict[str, Tensor]:
+    """The input each named submodule of ``model`` receives (its first call) in one inference forward on ``x``."""
     seen: dict[str, Tensor] = {}
     hooks = [
-        layer.register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, args[0].detach()))
-        for name, layer in layers.items()
+        model.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
+        for name in names
     ]
     try:
         with torch.inference_mode():
-            net(image)
+            model(x)
     finally:
         for hook in hooks:
             hook.remove()
@@ -256,7 +256,7 @@ def collapse(
         plans[name] = plan
     if time_layers:
         note("timing each layer at batch 1")
-        inputs = _layer_inputs(net, layers, batches[0][0][:1])
+        inputs = module_inputs(net, layers, batches[0][0][:1])
         for name, conv in convs.items():
             if name in inputs:
                 plans[name].saved_ms = _median_ms(layers[name], inputs[name]) - _median_ms(conv, inputs[name])
