@@ -22,7 +22,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from core import time_rounds
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--pre-epochs", type=int, default=3, help="static training before conversion")
     parser.add_argument("--epochs", type=int, default=2, help="fine-tuning epochs of the converted model")
+    parser.add_argument("--max-steps", type=int, default=None, help="cap fine-tuning steps per epoch")
+    parser.add_argument("--val-images", type=int, default=None, help="collapse and score on the first N val images")
     parser.add_argument("--max-drop", type=float, default=0.2)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
@@ -64,6 +66,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = write_digits(Path(tmp) / "digits", size=SIZE)
         train_set, val_set, classes = image_folder_splits(root, SIZE, 0.2, seed=0)
+        if args.val_images is not None:
+            val_set = Subset(val_set, range(min(args.val_images, len(val_set))))
         val_loader = DataLoader(val_set, batch_size=128)
         torch.manual_seed(0)
         static = convert.build_model("resnet18", num_classes=classes)
@@ -72,7 +76,13 @@ def main() -> None:
         print(f"static: {static_acc:.4f}", flush=True)
         result = convert.convert_model(static, kind=args.kind, experts=args.experts, input_size=SIZE)
         checkpoint = convert.save_checkpoint(result, Path(tmp) / "converted.safetensors")
-        config = TrainConfig(epochs=args.epochs, lr=0.01, val_fraction=0.2, temperature_epochs=args.epochs / 2)
+        config = TrainConfig(
+            epochs=args.epochs,
+            lr=0.01,
+            val_fraction=0.2,
+            temperature_epochs=args.epochs / 2,
+            max_steps_per_epoch=args.max_steps,
+        )
         finetune(checkpoint, root, Path(tmp) / "tuned.safetensors", config)
         tuned = convert.load_checkpoint(Path(tmp) / "tuned.safetensors")
         print("fine-tuned", flush=True)
@@ -92,7 +102,9 @@ def main() -> None:
         f"torch {torch.__version__}, onnxruntime {ort.__version__}, {platform.machine()}, {args.threads} threads; "
         f"run took {minutes:.1f} min. Data: scikit-learn digits, 32x32 RGB, 80/20 split ({len(train_set)} train, "
         f"{len(val_set)} val). Static ResNet-18 trained {args.pre_epochs} epochs, converted to {args.kind} "
-        f"K={args.experts} ({dynamic} layers), fine-tuned {args.epochs} epochs, then "
+        f"K={args.experts} ({dynamic} layers), fine-tuned {args.epochs} epoch(s)"
+        + ("" if args.max_steps is None else f" of at most {args.max_steps} steps")
+        + ", then "
         f"`convert.collapse(max_drop={args.max_drop})` over the val split (the accuracies below are on it too). "
         "ONNX Runtime at batch 1 (BatchNorm folded), the three models timed in the same interleaved rounds "
         f"(median of {args.rounds}).",
