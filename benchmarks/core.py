@@ -16,7 +16,7 @@ import math
 import platform
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import CondConv2d as TimmCondConv2d
 
+from convert.collapse import module_inputs  # noqa: F401 - re-exported: models.py and layers.py use it
 from dynconv.core import select_strategy
 from dynconv.core.rules import applicable
 from dynconv.functional import dynamic_conv2d
@@ -58,22 +59,6 @@ SHAPES = [
 ]
 BASELINE_STRATEGIES = ("grouped", "loop", "unfold")
 ALL_STRATEGIES = ("single", "grouped", "loop", "unfold", "matmul", "output")
-
-
-def module_inputs(model: torch.nn.Module, names: Iterable[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The input each named submodule of ``model`` receives (its first call) in one inference forward on ``x``."""
-    seen: dict[str, torch.Tensor] = {}
-    hooks = [
-        model.get_submodule(name).register_forward_pre_hook(lambda m, args, name=name: seen.setdefault(name, args[0]))
-        for name in names
-    ]
-    try:
-        with torch.inference_mode():
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return seen
 
 
 def inference_call(fn: Callable[[torch.Tensor], object], x: torch.Tensor) -> Callable[[], None]:

@@ -6,6 +6,7 @@ checkpoints that rebuild without pickle.
 """
 
 from .checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from .collapse import CollapseResult, LayerPlan, collapse
 from .converter import ConversionResult, ConversionWarning, LayerRecord, SkipRecord, convert_model
 from .errors import DynconvError, UserError, WorkFailedError
 from .export import ExportError, ExportResult, export_onnx
@@ -20,6 +21,7 @@ from .weights import WeightsError, load_weights, read_state_dict
 
 __all__ = [
     "CheckpointError",
+    "CollapseResult",
     "ConversionResult",
     "ConversionWarning",
     "DynconvError",
@@ -28,6 +30,7 @@ __all__ = [
     "FoldError",
     "FoldResult",
     "HeadError",
+    "LayerPlan",
     "LayerRecord",
     "ModelNotFoundError",
     "ModelSource",
@@ -41,6 +44,7 @@ __all__ = [
     "WeightsError",
     "WorkFailedError",
     "build_model",
+    "collapse",
     "convert_model",
     "export_onnx",
     "find_conv_bn_pairs",

@@ -223,6 +223,12 @@ class _Accumulator:
         top_weight = float(mean.reshape(self.experts, -1).amax(0).mean())
         return self.margin / self.count, variation, top_weight
 
+    def vector_moments(self) -> tuple[Tensor, float]:
+        """``(mean routing vector, mean squared distance of a sample's vector from it)``, vectors flattened."""
+        assert self.class_sum is not None
+        mean = self.class_sum.sum(0) / self.count
+        return mean, max(self.squares / self.count - float((mean * mean).sum()), 0.0)
+
     def class_statistics(self, per_channel: bool) -> tuple[float | None, list[list[float]]]:
         """``(between / within class variance ratio, mean weights per class [classes][K])``."""
         assert self.class_sum is not None

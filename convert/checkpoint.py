@@ -3,7 +3,8 @@
 The file's metadata key ``dynconv`` holds JSON: format version, base model
 (source, name, constructor arguments), the resolved recipe, every converted layer
 with its options, the blocks whose layers share one router (format 2), tensor
-aliases (tied weights), library versions, and a SHA-256
+aliases (tied weights), the layers ``convert.collapse`` made static again (stored as
+the base model's convs, so no format change), library versions, and a SHA-256
 digest over the tensors and that recorded structure. Writes go to a temporary file
 in the target folder and are renamed into place, so an interrupted write leaves the
 old file (or none) at the path.
@@ -146,6 +147,8 @@ def save_checkpoint(
     if conversion.head is not None:
         structure["head"] = conversion.head
     structure["preprocessing"] = resolve_preprocessing(model).to_dict()
+    if conversion.collapsed:
+        structure["collapsed"] = conversion.collapsed
     if training is not None:
         structure["training"] = training[0]
     try:
@@ -324,6 +327,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
             list(meta["layers"]),
             sharing,
             head=meta.get("head"),
+            collapsed=list(meta.get("collapsed") or []),
         ),
     )
     return rebuilt.eval()

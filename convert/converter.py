@@ -108,6 +108,7 @@ class Conversion:
     layers: list[dict[str, Any]] = field(default_factory=list)  # {"names", "kind", "options"}
     sharing: list[dict[str, Any]] = field(default_factory=list)  # {"block", "block_type", "layers"}
     head: dict[str, Any] | None = None  # a new classifier head: {"num_classes", "layers"}
+    collapsed: list[str] = field(default_factory=list)  # layers turned back into static convs (convert.collapse)
 
 
 @dataclass

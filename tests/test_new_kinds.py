@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from deploy_models import trained_batchnorms_
 from reference import close_enough
 from test_layers import CONV_GRID, GRID_IDS, assert_same_function, make_conv
-from timm.layers import Conv2dSame, ScaledStdConv2d, StdConv2d, StdConv2dSame
+from timm.layers import Conv2dSame, ScaledStdConv2d, StdConv2dSame
 from timm.layers.conv2d_same import conv2d_same
 from torch import nn
 from typer.testing import CliRunner
@@ -344,7 +344,7 @@ def test_cli_converts_each_kind_and_lists_it(tmp_path) -> None:
 
 @pytest.mark.parametrize("kind", ["dcd", "odconv"])
 def test_timm_conv_classes(kind, tmp_path) -> None:
-    """DCD keeps TF 'same' and weight standardisation (of W0); ODConv keeps TF 'same', skips standardised convs."""
+    """DCD keeps TF 'same' and weight standardisation (of W0); ODConv both (each expert standardised)."""
     for make in (
         lambda: Conv2dSame(8, 16, 3, stride=2),
         lambda: StdConv2dSame(8, 16, 4, stride=2),
@@ -355,12 +355,7 @@ def test_timm_conv_classes(kind, tmp_path) -> None:
         with torch.no_grad():
             model[1].weight.mul_(2).add_(0.1)  # not already standardised
         result = convert.convert_model(model, kind=kind, input_size=13)
-        standardised = isinstance(model[1], StdConv2d | ScaledStdConv2d | StdConv2dSame)
-        if kind == "odconv" and standardised:
-            assert [r.name for r in result.layers] == ["3"]
-            assert "weight standardisation" in {s.name: s.reason for s in result.skipped}["1"]
-        else:
-            assert [r.name for r in result.layers] == ["1", "3"]
+        assert [r.name for r in result.layers] == ["1", "3"]
         for size in (13, 16):
             x = torch.randn(2, 3, size, size)
             assert close_enough(result.model(x), model(x)), size

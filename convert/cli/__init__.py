@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from . import analyze, convert, export, finetune, inspect, listing, verify  # noqa: F401 - each registers its command
+from . import analyze, collapse, convert, export, finetune, inspect, listing, verify  # noqa: F401 - each registers its command
 from .common import app, err
 
 

@@ -60,6 +60,8 @@ def render_checkpoint(
     info.add_row("file size", file_size(size))
     info.add_row("tensors", f"{len(shapes)} ({human(sum(_numel(s) for s in shapes.values()))} values)")
     info.add_row("converted layers", str(len(meta["layers"])))
+    if meta.get("collapsed"):
+        info.add_row("collapsed layers", f"{len(meta['collapsed'])} static again: {', '.join(meta['collapsed'])}")
     if meta.get("head"):
         info.add_row("new head", f"{meta['head']['num_classes']} classes ({', '.join(meta['head']['layers'])})")
     if meta.get("sharing"):
@@ -181,7 +183,9 @@ def render_verification(
     table.add_column("result")
     table.add_row("digest", "ok")
     table.add_row(
-        "rebuilt and loaded", f"{meta['base']['source']}:{meta['base']['name']}, {len(meta['layers'])} dynamic layers"
+        "rebuilt and loaded",
+        f"{meta['base']['source']}:{meta['base']['name']}, {len(meta['layers'])} dynamic layers"
+        + (f", {len(meta['collapsed'])} collapsed into static convs" if meta.get("collapsed") else ""),
     )
     verdict = "finite" if bool(torch.isfinite(y).all()) else "NOT FINITE"
     table.add_row(f"forward at {size[0]}x{size[1]}", f"output {tuple(y.shape)}, {verdict}")

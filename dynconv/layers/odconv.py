@@ -28,7 +28,7 @@ from ..experts import DEFAULT_NOISE
 from ..functional import dynamic_conv2d
 from ..geometry import ConvGeometry, Padding
 from ..routing import Router, global_pool
-from ..standardization import WeightStandardization
+from ..standardization import WeightStandardization, standardized_bank, standardized_upcycle
 from ..step_matching import matched_multiplier
 from .base import TF_SAME, DynamicConv2d
 from .registry import register
@@ -242,21 +242,17 @@ class ODConv2d(DynamicConv2d):
     )
 
     def __init__(self, *args: Any, standardize: WeightStandardization | None = None, **kwargs: Any) -> None:
-        if standardize is not None:
-            raise ValueError(self.unsupported({"standardize": standardize}))
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, standardize=standardize, **kwargs)
         #: The geometry of the conv on an input already padded by hand (TF 'same', padding modes).
         self._padded_geometry = replace(self._geometry, pad=(0, 0, 0, 0))
-
-    @classmethod
-    def unsupported(cls, options: dict[str, Any]) -> str | None:
-        """ODConv cannot keep a weight standardisation: its attentions rescale the kernel inside it."""
-        if options.get("standardize") is not None:
-            return (
-                "odconv cannot keep this conv's weight standardisation (timm StdConv2d), whose per-sample "
-                "renormalisation would undo the attentions; use another kind for it"
-            )
-        return None
+        #: A standardised conv (timm ``StdConv2d``): each expert is standardised, then modulated.
+        #: Standardisation is scale-invariant, so the conversion's scale cannot ride in the experts;
+        #: this per-output-channel factor holds it (``2**m``, see the class docstring, times
+        #: :func:`~dynconv.standardization.standardized_upcycle`'s noise correction).
+        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
+        scale = None if standardize is None else torch.full((self.out_channels,), standardize.scale, **factory)
+        self.standardized_scale: Tensor | None
+        self.register_buffer("standardized_scale", scale)
 
     def _build_router(
         self,
@@ -288,6 +284,11 @@ class ODConv2d(DynamicConv2d):
         if conv.bias is not None:  # the base scaled it with the kernel; the attentions do not touch it
             with torch.no_grad():
                 layer.bias.copy_(conv.bias.detach().to(layer.bias.dtype).expand_as(layer.bias))
+        if standardize is not None:  # experts whose standardisations average to the conv's kernel
+            weight, factor = standardized_upcycle(conv.weight, experts, noise, seed, standardize.eps)
+            with torch.no_grad():
+                layer.weight.copy_(weight)
+                layer.standardized_scale.copy_(factor * standardize.scale / layer.router.uniform_total())
         return layer  # type: ignore[return-value]
 
     def lr_multipliers(self, family: str) -> dict[str, float]:
@@ -304,7 +305,11 @@ class ODConv2d(DynamicConv2d):
         by_hand = self.padding == TF_SAME or self.padding_mode != "zeros"  # then ``x`` holds the padding
         geom = self._padded_geometry if by_hand else self._geometry
         attentions = (kernel, filt, channel, spatial)
-        out = omni_conv2d(x, self.weight, attentions, self.bias, geom, padding, self.strategy)
+        weight = self.weight
+        if self.standardize is not None:
+            scale = self.standardized_scale if self.gain is None else self.standardized_scale * self.gain
+            weight = standardized_bank(weight, self.standardize.eps, scale)
+        out = omni_conv2d(x, weight, attentions, self.bias, geom, padding, self.strategy)
         if self.static_bias is not None:
             out = out + self.static_bias.to(out.dtype)[:, None, None]
         return out
