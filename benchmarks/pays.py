@@ -39,6 +39,7 @@ from convert.analyze import analyze
 
 RESULTS = Path(__file__).parent / "results"
 KINDS = ("condconv", "dyconv", "dynet", "dcd", "odconv")
+BN_MOMENTUM = 0.1  # every BatchNorm's running-statistics momentum (PyTorch's default)
 BASE_SETTINGS = Settings(opt="sgd", lr_mult=5.0, warmup=0.05, batch_size=128)  # from scratch: SGD lr 0.1
 
 
@@ -103,10 +104,14 @@ class Bench:
     def _base(self) -> tuple[torch.nn.Module, dict]:
         """The static model after ``base_epochs`` (seed 0), trained once and cached."""
         a = self.args
-        tag = f"base-{a.model}-{a.size}-n{len(self.splits['train'])}-e{a.base_epochs}-{BASE_SETTINGS.label()}"
+        count = len(self.splits["train"])
+        tag = f"base-{a.model}-{a.size}-n{count}-e{a.base_epochs}-bn{BN_MOMENTUM}-{BASE_SETTINGS.label()}"
         path = self.cache / (tag.replace(" ", "_") + ".pt")
         torch.manual_seed(0)
         model = convert.build_model(a.model, num_classes=10)
+        for module in model.modules():  # MobileNetV3's 0.01 is for 600 ImageNet epochs: here the stats would lag
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.momentum = BN_MOMENTUM
         if path.is_file():
             saved = torch.load(path)
             model.load_state_dict(saved["state"])
@@ -160,6 +165,11 @@ def load_json(path: Path) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def sweep_records(results: Path) -> list[dict]:
+    """Every sweep run so far: ``pays-sweep.json`` and the parts written by parallel processes."""
+    return [r for path in sorted(results.glob("pays-sweep*.json")) for r in load_json(path)]
+
+
 def save_json(path: Path, records: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -169,9 +179,9 @@ def save_json(path: Path, records: list[dict]) -> None:
 
 def sweep(bench: Bench, args: argparse.Namespace) -> None:
     """Seed 0, validation only: every kind × every grid combination not already in the sweep file."""
-    path = args.results / "pays-sweep.json"
+    path = args.results / (f"pays-sweep-{args.part}.json" if args.part else "pays-sweep.json")
     records = load_json(path)
-    done = {(r["kind"], r["label"], json.dumps(r["setup"], sort_keys=True)) for r in records}
+    done = {(r["kind"], r["label"], json.dumps(r["setup"], sort_keys=True)) for r in sweep_records(args.results)}
     for kind in args.kinds:
         for settings in grid_settings(args.grid, kind == "static"):
             key = (kind, settings.label(), json.dumps(bench.setup, sort_keys=True))
@@ -216,7 +226,7 @@ def routing(checkpoint: Path, folder: Path) -> dict:
 
 def final(bench: Bench, args: argparse.Namespace) -> None:
     """Every seed: static continued, each kind with its best sweep settings, static for the best kind's wall time."""
-    chosen = best_settings(load_json(args.results / "pays-sweep.json"), bench.setup)
+    chosen = best_settings(sweep_records(args.results), bench.setup)
     missing = [k for k in ("static", *args.kinds) if k not in chosen]
     if missing:
         raise SystemExit(f"no sweep record for {', '.join(missing)} under this setup: run `pays.py sweep` first")
@@ -232,7 +242,7 @@ def final(bench: Bench, args: argparse.Namespace) -> None:
             for kind in kinds:
                 settings = settings_from(chosen[kind])
                 before = None
-                if seed == args.seeds[0]:
+                if seed == args.routing_seed:
                     fresh, _ = bench.model_for(kind, settings, seed)
                     before = routing(convert.save_checkpoint(fresh, Path(tmp) / f"{kind}-0.safetensors"), folder)
                 this[kind] = bench.run(kind, settings, seed, test=True)
@@ -266,8 +276,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--kinds", nargs="+", default=["static", *KINDS])
     parser.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 entries (Settings fields or convert options)")
+    parser.add_argument("--part", default="", help="sweep file suffix, for sweeps run in parallel processes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--wall-kind", default=None, help="kind whose wall time (c) gets (default: best on val)")
+    parser.add_argument("--routing-seed", type=int, default=0, help="the seed whose runs convert.analyze reads")
     parser.add_argument("--analyze-per-class", type=int, default=100)
     parser.add_argument("--threads", type=int, default=1, help="1: measured faster than 2 on a loaded machine")
     return parser.parse_args(argv)

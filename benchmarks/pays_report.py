@@ -139,8 +139,7 @@ def write_report(results: Path) -> Path:
     reading = ""
     if out.is_file() and "\n## Reading" in out.read_text():
         reading = "## Reading" + out.read_text().split("\n## Reading", 1)[1]
-    sweep_path = results / "pays-sweep.json"
-    sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else []
+    sweep = [r for path in sorted(results.glob("pays-sweep*.json")) for r in json.loads(path.read_text())]
     records, base = final_records(results)
     setup = (base or {}).get("setup") or (sweep[0]["setup"] if sweep else {})
     lines = ["# Does it pay? Static vs converted on Fashion-MNIST", ""]
