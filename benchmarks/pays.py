@@ -225,20 +225,34 @@ def routing(checkpoint: Path, folder: Path) -> dict:
 
 
 def final(bench: Bench, args: argparse.Namespace) -> None:
-    """Every seed: static continued, each kind with its best sweep settings, static for the best kind's wall time."""
+    """Every seed: static continued, each kind with its best sweep settings, static for a kind's wall time.
+
+    ``--kinds`` without ``static`` runs only conversions (another process runs static on the same
+    seeds); static for equal wall time runs when both static and the wall kind are in ``--kinds``.
+    """
     chosen = best_settings(sweep_records(args.results), bench.setup)
     missing = [k for k in ("static", *args.kinds) if k not in chosen]
     if missing:
         raise SystemExit(f"no sweep record for {', '.join(missing)} under this setup: run `pays.py sweep` first")
     kinds = [k for k in args.kinds if k != "static"]
-    wall_kind = args.wall_kind or max(kinds, key=lambda k: chosen[k]["val_acc"])
+    wall_kind = args.wall_kind or max(kinds, key=lambda k: chosen[k]["val_acc"], default=None)
     static = settings_from(chosen["static"])
-    path = args.results / f"pays-final-seeds{'-'.join(map(str, args.seeds))}.json"
+    path = args.results / f"pays-final-seeds{'-'.join(map(str, args.seeds))}-{'-'.join(args.kinds)}.json"
     records: list[dict] = []
+
+    def keep(record: dict) -> None:
+        record.pop("model", None)
+        records.append(record)
+        save_json(path, [*records, {"kind": "base", "info": bench.base_info, "setup": bench.setup}])
+        print(f"seed {record['seed']} {record['kind']}: test {record['test_acc']:.4f}, "
+              f"{record['epoch_seconds']:.1f} s/epoch", flush=True)  # fmt: skip
+
     folder = write_folder(bench.splits["test"], bench.cache / f"test-{args.size}-png", per_class=args.analyze_per_class)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            this = {"static": bench.run("static", static, seed, test=True)}
+            this = {"static": bench.run("static", static, seed, test=True)} if "static" in args.kinds else {}
+            if this:
+                keep(dict(this["static"]))
             for kind in kinds:
                 settings = settings_from(chosen[kind])
                 before = None
@@ -249,16 +263,12 @@ def final(bench: Bench, args: argparse.Namespace) -> None:
                 if before is not None:
                     tuned = convert.save_checkpoint(this[kind]["model"], Path(tmp) / f"{kind}-1.safetensors")
                     this[kind]["routing"] = {"before": before, "after": routing(tuned, folder)}
-            ratio = this[wall_kind]["epoch_seconds"] / this["static"]["epoch_seconds"]
-            steps = max(this["static"]["steps"], round(this["static"]["steps"] * ratio))
-            this["static-wall"] = bench.run("static", static, seed, steps=steps, test=True)
-            this["static-wall"].update(kind="static-wall", wall_kind=wall_kind, wall_ratio=ratio)
-            for r in this.values():
-                r.pop("model", None)
-                records.append(r)
-                print(f"seed {seed} {r['kind']}: test {r['test_acc']:.4f} "
-                      f"{r['epoch_seconds']:.1f} s/epoch", flush=True)  # fmt: skip
-            save_json(path, [*records, {"kind": "base", "info": bench.base_info, "setup": bench.setup}])
+                keep(this[kind])
+            if "static" in this and wall_kind in this:
+                ratio = this[wall_kind]["epoch_seconds"] / this["static"]["epoch_seconds"]
+                steps = max(this["static"]["steps"], round(this["static"]["steps"] * ratio))
+                wall = bench.run("static", static, seed, steps=steps, test=True)
+                keep({**wall, "kind": "static-wall", "wall_kind": wall_kind, "wall_ratio": ratio})
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

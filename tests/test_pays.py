@@ -46,7 +46,7 @@ def test_sweep_final_report_on_a_tiny_subsample(tmp_path: Path) -> None:
 
     final = ["--seeds", "0", "--epochs", "1", "--analyze-per-class", "2"]
     assert run_pays("final", *TINY, *kinds, *final, tmp=tmp_path) == 0
-    runs = {r["kind"]: r for r in json.loads((tmp_path / "pays-final-seeds0.json").read_text())}
+    runs = {r["kind"]: r for r in json.loads((tmp_path / "pays-final-seeds0-static-condconv.json").read_text())}
     assert set(runs) == {"base", "static", "condconv", "static-wall"}
     assert runs["static-wall"]["wall_kind"] == "condconv" and runs["static-wall"]["steps"] >= runs["static"]["steps"]
     routing = runs["condconv"]["routing"]
