@@ -63,8 +63,9 @@ class DynamicConv2d(nn.Module):
     info: ClassVar[KindInfo]
     #: Whether the kind has a bank of ``experts`` kernels (``experts`` is one of its options).
     has_experts: ClassVar[bool] = True
-    #: The routers' learning rate relative to the original's in :func:`dynconv.parameter_groups`.
-    router_lr_multiplier: ClassVar[float] = 1.0
+    #: The routers' learning-rate multiplier per optimizer family in :func:`dynconv.parameter_groups`: under SGD a
+    #: router's gradient is proportional to how far apart the experts are (the conversion's noise), so it gets more.
+    router_lr_multipliers: ClassVar[dict[str, float]] = {"sgd": 30.0, "adam": 1.0, "trust": 1.0}
 
     def __init__(
         self,
@@ -178,7 +179,7 @@ class DynamicConv2d(nn.Module):
             "bias": experts,
             "gain": 1.0,
             "static_bias": 1.0,
-            "router": self.router_lr_multiplier,
+            "router": self.router_lr_multipliers[family],
         }
 
     def fold_affine_(self, scale: Tensor, shift: Tensor) -> str:
