@@ -231,6 +231,10 @@ def final(bench: Bench, args: argparse.Namespace) -> None:
     seeds); static for equal wall time runs when both static and the wall kind are in ``--kinds``.
     """
     chosen = best_settings(sweep_records(args.results), bench.setup)
+    for entry in args.use:  # settings given on the command line win over the sweep's
+        kind, _, options = entry.partition(":")
+        grid = [] if options in ("", "defaults") else options.split(",")
+        chosen[kind] = {"settings": asdict(grid_settings(grid, kind == "static")[0]), "val_acc": -1.0}
     missing = [k for k in ("static", *args.kinds) if k not in chosen]
     if missing:
         raise SystemExit(f"no sweep record for {', '.join(missing)} under this setup: run `pays.py sweep` first")
@@ -264,6 +268,9 @@ def final(bench: Bench, args: argparse.Namespace) -> None:
                     tuned = convert.save_checkpoint(this[kind]["model"], Path(tmp) / f"{kind}-1.safetensors")
                     this[kind]["routing"] = {"before": before, "after": routing(tuned, folder)}
                 keep(this[kind])
+            for options in args.also_static if "static" in args.kinds else []:
+                other = grid_settings(options.split(","), True)[0]
+                keep({**bench.run("static", other, seed, test=True), "kind": f"static [{other.label()}]"})
             if "static" in this and wall_kind in this:
                 ratio = this[wall_kind]["epoch_seconds"] / this["static"]["epoch_seconds"]
                 steps = max(this["static"]["steps"], round(this["static"]["steps"] * ratio))
@@ -288,6 +295,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--grid", nargs="*", default=[], help="key=v1,v2 entries (Settings fields or convert options)")
     parser.add_argument("--part", default="", help="sweep file suffix, for sweeps run in parallel processes")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--use", nargs="*", default=[], help="KIND:key=v,key=v settings instead of the sweep's best")
+    parser.add_argument("--also-static", nargs="*", default=[], help="key=v,key=v: more static arms (final)")
     parser.add_argument("--wall-kind", default=None, help="kind whose wall time (c) gets (default: best on val)")
     parser.add_argument("--routing-seed", type=int, default=0, help="the seed whose runs convert.analyze reads")
     parser.add_argument("--analyze-per-class", type=int, default=100)

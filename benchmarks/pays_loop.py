@@ -35,7 +35,7 @@ class Settings:
     opt: str = "sgd"
     lr_mult: float = 1.0
     weight_decay: float = 5e-5
-    router_lr_scale: float = 1.0
+    router_lr_scale: float | None = None  # None: the library's router multiplier (x30 under SGD); else replaces it
     match: int = 1  # 1: the library's per-layer multipliers (kernel step as the original's); 0: one lr for all
     warmup: float = 0.05  # fraction of the run's steps
     temp_frac: float = 0.5  # softmax temperatures anneal 30 -> 1 over this fraction of the run
@@ -79,7 +79,7 @@ def optimizer_groups(model: nn.Module, settings: Settings) -> list[dict]:
     if not settings.match:
         for group in groups:
             router = group["name"].startswith("routers")
-            group["lr"] = settings.lr * (settings.router_lr_scale if router else 1.0)
+            group["lr"] = settings.lr * ((settings.router_lr_scale or 1.0) if router else 1.0)
             group["lr_multiplier"] = group["lr"] / settings.lr
             if group["weight_decay"]:
                 group["weight_decay"] = settings.weight_decay
