@@ -209,7 +209,10 @@ def best_settings(records: list[dict], setup: dict) -> dict[str, dict]:
 
 def routing(checkpoint: Path, folder: Path) -> dict:
     """``convert.analyze``'s per-model summary numbers: mean entropy, class ratio, expert spread growth."""
-    analysis = analyze(checkpoint, folder)
+    try:
+        analysis = analyze(checkpoint, folder)
+    except (RuntimeError, convert.DynconvError) as exc:  # recorded, not fatal: accuracy matters more
+        return {"error": f"{type(exc).__name__}: {exc}"}
     layers = analysis.layers
     ratios = [s.class_ratio for s in layers if s.class_ratio is not None]
     moved = [s.moved for s in layers if s.moved is not None]

@@ -7,6 +7,8 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from pays_loop import LOOP
+
 #: ``convert.convert_model``'s kind when none is given: what the target is about.
 DEFAULT_KIND = "condconv"
 ORDER = ("static", "condconv", "dyconv", "dynet", "dcd", "odconv", "static-wall")
@@ -39,7 +41,7 @@ def final_table(records: list[dict]) -> list[str]:
         by_kind[r["kind"]][r["seed"]] = r
     static = by_kind.get("static", {})
     lines = [
-        "| model | settings (chosen on validation) | seeds | test accuracy % (mean ± std) | Δ vs static continued "
+        "| model | settings | seeds | test accuracy % (mean ± std) | Δ vs static continued "
         "(paired mean ± std) | epochs | s / epoch | × static's time | max logit diff at conversion |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -105,6 +107,9 @@ def routing_table(records: list[dict]) -> list[str]:
         if "routing" not in r:
             continue
         b, a = r["routing"]["before"], r["routing"]["after"]
+        if "error" in b or "error" in a:
+            lines.append(f"| {r['kind']} | `convert.analyze` failed: {b.get('error') or a.get('error')} |||||| ")
+            continue
         lines.append(
             f"| {r['kind']} | {a['layers']} | {pair(b, a, 'entropy', '.4f')} | {pair(b, a, 'near_uniform', 'd')} | "
             f"{pair(b, a, 'class_ratio_mean', '.3g')} | {pair(b, a, 'class_ratio_max', '.3g')} | "
@@ -152,6 +157,19 @@ def write_report(results: Path) -> Path:
             f"{setup['threads']} thread per process.",
             "",
         ]
+    if records:
+        lines += [
+            f"Fine-tuning: {setup['epochs']} epoch(s) from the base for every arm, batch 64, the same seeded order "
+            "and flips for every arm of a seed; the loop is the benchmark's own on in-memory tensors "
+            f"({LOOP}; 5% linear warm-up, then cosine to 0), the same for static and converted models. "
+            "Each kind converted with `convert.convert_model(base, kind=..., seed=s)` (its default experts and "
+            "noise) and trained with `dynconv.parameter_groups`' multipliers (the project's defaults). "
+            "Static for equal wall time: static continued for as many steps as the default kind's run took "
+            "time, measured in the same process. Timings: several single-thread processes ran at once on the "
+            "2 shared cores (other sessions' tests ran too), so seconds per epoch are inflated and only "
+            "ratios measured side by side mean anything.",
+            "",
+        ]
     if base:
         info = base["info"]
         lines += [
@@ -164,6 +182,12 @@ def write_report(results: Path) -> Path:
         lines += ["## Test accuracy, 3 seeds", "", *final_table(records), "", *target_lines(records), ""]
         lines += ["## Routing (`convert.analyze`, first seed): right after conversion → after fine-tuning", ""]
         lines += [*routing_table(records), ""]
+    for extra in sorted(p for p in results.iterdir() if p.is_dir() and p.name.startswith("pays-")):
+        more, _ = final_records(extra)
+        if more:
+            title = f"## Test accuracy, 3 seeds, `{extra.name}` (settings given with `--use`)"
+            lines += [title, "", *final_table(more), "", *target_lines(more), ""]
+            lines += [*routing_table(more), ""]
     if sweep:
         lines += ["## Settings tried (validation split, seed 0)", "", *sweep_table(sweep), ""]
     out.write_text("\n".join(lines) + ("\n" + reading if reading else ""))
