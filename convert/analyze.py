@@ -45,6 +45,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import dynconv
+from dynconv.experts import DEFAULT_NOISE
 
 from .checkpoint import load_checkpoint
 from .converter import CONVERSION_ATTR
@@ -257,12 +258,12 @@ def expert_spread(layer: nn.Module) -> float | None:
 
 
 def conversion_noise(model: nn.Module) -> float:
-    """The relative expert noise the model was converted with (its recipe's, 0.01 by default)."""
+    """The relative expert noise the model was converted with (its recipe's, ``dynconv.experts.DEFAULT_NOISE`` else)."""
     recipe = getattr(getattr(model, CONVERSION_ATTR, None), "recipe", None) or {}
     for level in (recipe.get("overrides") or {}, recipe.get("defaults") or {}):
         if level.get("noise") is not None:
             return float(level["noise"])
-    return 0.01
+    return DEFAULT_NOISE
 
 
 def select_layers(model: nn.Module, patterns: list[str] | None) -> dict[str, nn.Module]:

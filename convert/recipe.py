@@ -23,13 +23,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from dynconv import LAYERS, DynamicConv2d
+from dynconv.experts import DEFAULT_NOISE
 
 from .errors import UserError
 from .models import ModelSource
 
 ConvType = Literal["pointwise", "depthwise", "spatial"]
 #: The weakest level of the precedence order: what a conv gets when nothing else says.
-BUILTIN_DEFAULTS: dict[str, Any] = {"kind": "condconv", "experts": 4, "noise": 0.01}
+BUILTIN_DEFAULTS: dict[str, Any] = {"kind": "condconv", "experts": 4, "noise": DEFAULT_NOISE}
 #: Options that apply to every kind (the rest are checked by :func:`check_kind_options`).
 _SHARED_OPTIONS = frozenset({"kind", "noise", "seed", "share_routing"})
 

@@ -78,7 +78,7 @@ def _layer_multipliers(model: nn.Module, family: str) -> dict[int, tuple[str, fl
 
 def parameter_groups(
     model: nn.Module,
-    router_lr_scale: float = 1.0,
+    router_lr_scale: float | None = None,
     *,
     lr: float,
     optimizer: str = "sgd",
@@ -87,7 +87,7 @@ def parameter_groups(
     """Optimizer groups: one step on a freshly converted model moves each kernel as a step on the original would.
 
     Each group's ``lr`` is ``lr`` x the multiplier its layer declares for ``optimizer``'s family
-    (:meth:`DynamicConv2d.lr_multipliers`; routers also x ``router_lr_scale``), and a given
+    (:meth:`DynamicConv2d.lr_multipliers`; a given ``router_lr_scale`` replaces the routers'), and a given
     ``weight_decay`` is divided by it, so decay shrinks the kernel as the original's does. Biases and
     1-D parameters get ``weight_decay`` 0 (timm's rule). Each group has a ``name`` (role, multiplier,
     decay) and ``lr_multiplier``; the list goes straight into ``torch.optim`` or
@@ -101,8 +101,8 @@ def parameter_groups(
         if not p.requires_grad:
             continue
         role, multiplier = roles.get(id(p), ("rest", 1.0))
-        if role == "routers":
-            multiplier *= router_lr_scale
+        if role == "routers" and router_lr_scale is not None:
+            multiplier = router_lr_scale
         decays = not (p.ndim <= 1 or name.endswith("bias"))
         key = (role, multiplier, decays)
         if key not in groups:

@@ -57,7 +57,7 @@ def convert_cmd(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="checkpoint to write")] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing output")] = False,
     seed: Annotated[int | None, typer.Option(help="seed for the experts' noise (default 0)")] = None,
-    noise: Annotated[float | None, typer.Option(help="relative noise between experts (default 0.01)")] = None,
+    noise: Annotated[float | None, typer.Option(help="relative noise between experts (default 0.1)")] = None,
     input_size: Annotated[int | None, typer.Option(help="probe/verification image size (default: the model's)")] = None,
     share_routing: Annotated[
         str | None, typer.Option(help="none | block: one router per block, fed by the block's input (default none)")

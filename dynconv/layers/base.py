@@ -65,8 +65,9 @@ class DynamicConv2d(nn.Module):
     has_experts: ClassVar[bool] = True
     #: ``(start, end)`` of the router temperature annealed during fine-tuning, or ``None``: keep it.
     temperature_annealing: ClassVar[tuple[float, float] | None] = None
-    #: The routers' learning rate relative to the original's in :func:`dynconv.parameter_groups`.
-    router_lr_multiplier: ClassVar[float] = 1.0
+    #: The routers' learning-rate multiplier per optimizer family in :func:`dynconv.parameter_groups`: under SGD a
+    #: router's gradient is proportional to how far apart the experts are (the conversion's noise), so it gets more.
+    router_lr_multipliers: ClassVar[dict[str, float]] = {"sgd": 30.0, "adam": 1.0, "trust": 1.0}
 
     def __init__(
         self,
@@ -180,7 +181,7 @@ class DynamicConv2d(nn.Module):
             "bias": experts,
             "gain": 1.0,
             "static_bias": 1.0,
-            "router": self.router_lr_multiplier,
+            "router": self.router_lr_multipliers[family],
         }
 
     def fold_affine_(self, scale: Tensor, shift: Tensor) -> str:

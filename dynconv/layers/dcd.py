@@ -251,7 +251,7 @@ class DCDConv2d(DynamicConv2d):
             "static_bias": 1.0,
             "q": 1.0,
             "p": 1.0,
-            "router": self.router_lr_multiplier,
+            "router": self.router_lr_multipliers[family],
         }
 
     @classmethod
