@@ -63,10 +63,13 @@ def routing_metrics(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[f
         model(images)
     entropies, ratios = [], []
     for name, layer in dynconv.dynamic_layers(model).items():
+        weights = routing[name]
+        if weights.dim() == 2:  # ODConv and DCD record more than the expert weights after them
+            weights = weights[:, : layer.experts]
         sums = _Accumulator(layer.experts, CLASSES)
-        sums.add(routing[name], labels)
+        sums.add(weights, labels)
         entropies.append(sums.entropy / sums.count)
-        ratios.append(sums.class_statistics(routing[name].dim() == 3)[0] or 0.0)
+        ratios.append(sums.class_statistics(weights.dim() == 3)[0] or 0.0)
     return sum(entropies) / len(entropies), sum(ratios) / len(ratios)
 
 

@@ -38,20 +38,3 @@ def effective_kernel(layer: nn.Module, x: Tensor) -> Tensor:
             return torch.einsum("bk,kocij->bocij", routing, layer.weight)
         return torch.einsum("bko,kocij->bocij", routing, layer.weight)
     return layer.weight.unsqueeze(0).expand(x.shape[0], *layer.weight.shape)
-
-
-def layer_inputs(model: nn.Module, x: Tensor, names: list[str]) -> dict[str, Tensor]:
-    """The input each named conv receives when ``model`` runs on ``x`` (detached)."""
-    modules = dict(model.named_modules())
-    seen: dict[str, Tensor] = {}
-    hooks = [
-        modules[name].register_forward_pre_hook(lambda _m, args, name=name: seen.__setitem__(name, args[0].detach()))
-        for name in names
-    ]
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return seen

@@ -8,10 +8,13 @@ with the original conv's step, under SGD with momentum and L2, and under AdamW.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-from kernels import effective_kernel, layer_inputs
+from kernels import effective_kernel
 from reference import close_enough
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -19,6 +22,9 @@ from torch import nn
 
 import convert
 import dynconv
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from core import module_inputs
 
 KINDS = [("condconv", 4), ("dyconv", 4), ("dynet", 4), ("dcd", 1), ("odconv", 1), ("odconv", 4)]
 #: optimizer name for parameter_groups, the torch optimizer, its learning rate and weight decay
@@ -57,7 +63,7 @@ def kernel_steps(model: nn.Module, names: list[str], optimizer: torch.optim.Opti
     the routers as they were: what a router learns is new freedom, not the original's step.
     """
     modules = dict(model.named_modules())
-    inputs = layer_inputs(model, x, names)
+    inputs = module_inputs(model, names, x)
     routers = [p.detach().clone() for p in dynconv.router_parameters(model)]
     with torch.no_grad():
         before = {n: effective_kernel(modules[n], inputs[n]).clone() for n in names}
