@@ -32,10 +32,10 @@ LOOP = "dynconv.parameter_groups → timm create_optimizer_v2 → timm create_sc
 class Settings:
     """How one model is trained (``kind``'s conversion options live in ``convert``)."""
 
-    opt: str = "sgd"
+    opt: str = "adamw"  # the project's default (convert/finetune/config.py), chosen by the sweep
     lr_mult: float = 1.0
     weight_decay: float = 5e-5
-    router_lr_scale: float | None = None  # None: the library's router multiplier (x30 under SGD); else replaces it
+    router_lr_scale: float | None = None  # None: the library's router multiplier (x1); else replaces it
     match: int = 1  # 1: the library's per-layer multipliers (kernel step as the original's); 0: one lr for all
     warmup: float = 0.05  # fraction of the run's steps
     temp_frac: float = 0.5  # softmax temperatures anneal 30 -> 1 over this fraction of the run

@@ -63,9 +63,7 @@ def routing_metrics(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[f
         model(images)
     entropies, ratios = [], []
     for name, layer in dynconv.dynamic_layers(model).items():
-        weights = routing[name]
-        if weights.dim() == 2:  # ODConv and DCD record more than the expert weights after them
-            weights = weights[:, : layer.experts]
+        weights = layer.expert_weights(routing[name])  # ODConv and DCD record more than the expert weights
         sums = _Accumulator(layer.experts, CLASSES)
         sums.add(weights, labels)
         entropies.append(sums.entropy / sums.count)

@@ -334,8 +334,9 @@ def analyze(
             with dynconv.capture_routing(net) as routing:
                 net(images)
             for name in chosen.keys() & routing.keys():  # a layer this forward did not run adds nothing
-                per_channel[name] = routing[name].dim() == 3
-                sums[name].add(routing[name], labels)
+                weights = chosen[name].expert_weights(routing[name])
+                per_channel[name] = weights.dim() == 3
+                sums[name].add(weights, labels)
             done += labels.numel()
             if progress is not None:
                 progress(done, total)

@@ -45,7 +45,20 @@ def converted(tmp_path_factory) -> tuple[Path, list[str]]:
 @pytest.fixture(scope="module")
 def finetuned(converted, digits, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ft") / "ft.safetensors"
-    args = ["--epochs", 1, "--max-steps", 4, "--batch-size", 32, "--lr", 0.05, "--router-lr-scale", 10]
+    args = [
+        "--epochs",
+        1,
+        "--max-steps",
+        4,
+        "--batch-size",
+        32,
+        "--opt",
+        "momentum",
+        "--lr",
+        0.05,
+        "--router-lr-scale",
+        10,
+    ]
     trained = run("finetune", converted[0], digits, "--output", out, *args)
     assert trained.exit_code == 0, trained.stderr
     return out
@@ -133,3 +146,18 @@ def test_statistics_of_per_channel_and_class_specific_routing() -> None:
     assert (decided.top / decided.count).tolist() == pytest.approx([0, 0.5, 0, 0.5])
     ratio, means = decided.class_statistics(per_channel=True)
     assert ratio > 1e3 and len(means) == 2 and means[0][1] > 0.99 and means[1][3] > 0.99
+
+
+def test_odconv_routing_is_read_from_its_kernel_attention(digits, tmp_path) -> None:
+    """ODConv captures all four attentions side by side; analyze reads the K kernel-attention columns."""
+    torch.manual_seed(0)
+    model = convert.build_model("resnet18", num_classes=10)
+    result = convert.convert_model(model, kind="odconv", experts=4, input_size=32, include=["layer1.*"])
+    path = convert.save_checkpoint(result, tmp_path / "digits-odconv.safetensors")
+    shown = run("analyze", path, digits, "--json", "--limit", 64, "--batch-size", 32)
+    assert shown.exit_code == 0, shown.stderr
+    layers = json.loads(shown.stdout)["layers"]
+    assert [s["name"] for s in layers] == [r.name for r in result.layers] and len(layers) == 4
+    for stats in layers:
+        assert len(stats["mean_routing"]) == 4 and stats["entropy"] == pytest.approx(1.0, abs=1e-9)
+        assert stats["top_share"] == pytest.approx([0.25] * 4) and stats["class_ratio"] == 0.0

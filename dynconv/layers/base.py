@@ -65,9 +65,10 @@ class DynamicConv2d(nn.Module):
     has_experts: ClassVar[bool] = True
     #: ``(start, end)`` of the router temperature annealed during fine-tuning, or ``None``: keep it.
     temperature_annealing: ClassVar[tuple[float, float] | None] = None
-    #: The routers' learning-rate multiplier per optimizer family in :func:`dynconv.parameter_groups`: under SGD a
-    #: router's gradient is proportional to how far apart the experts are (the conversion's noise), so it gets more.
-    router_lr_multipliers: ClassVar[dict[str, float]] = {"sgd": 30.0, "adam": 1.0, "trust": 1.0}
+    #: The routers' learning-rate multiplier per optimizer family in :func:`dynconv.parameter_groups`. 1 for every
+    #: family: on Fashion-MNIST (benchmarks/results/pays.md) CondConv's routers at x30 under SGD diverged on two
+    #: seeds of three, at x1 they train as well as static. A kind may declare its own.
+    router_lr_multipliers: ClassVar[dict[str, float]] = {"sgd": 1.0, "adam": 1.0, "trust": 1.0}
 
     def __init__(
         self,
@@ -165,6 +166,10 @@ class DynamicConv2d(nn.Module):
     def expert_parameters(self) -> list[nn.Parameter]:
         """Parameters that hold the kernels: the experts, their bias, a standardisation gain."""
         return [p for p in (self.weight, self.bias, self.gain, self.static_bias) if p is not None]
+
+    def expert_weights(self, routing: Tensor) -> Tensor:
+        """The part of a captured ``last_routing`` that mixes the experts: ``[B, K]`` or ``[B, K, C_out]``."""
+        return routing
 
     def lr_multipliers(self, family: str) -> dict[str, float]:
         """Learning-rate multipliers by parameter name (``"router"`` for every router parameter) under an optimizer

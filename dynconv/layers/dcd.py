@@ -242,6 +242,10 @@ class DCDConv2d(DynamicConv2d):
         """The kernels: ``W0``, its bias, ``Q`` and ``P`` (and a standardisation gain)."""
         return [*super().expert_parameters(), self.q, self.p]
 
+    def expert_weights(self, routing: Tensor) -> Tensor:
+        """The one 'expert' (the static kernel) at weight 1 for every image: DCD mixes no experts."""
+        return routing.new_ones(routing.shape[0], 1)
+
     def lr_multipliers(self, family: str) -> dict[str, float]:
         """All ones but the router's: ``W0`` is the conv's kernel under ``Lambda = 1`` and the bias is static."""
         return {

@@ -291,6 +291,10 @@ class ODConv2d(DynamicConv2d):
                 layer.standardized_scale.copy_(factor * standardize.scale / layer.router.uniform_total())
         return layer  # type: ignore[return-value]
 
+    def expert_weights(self, routing: Tensor) -> Tensor:
+        """The kernel attention: the first ``K`` columns (filter, channel and spatial attentions follow)."""
+        return routing[:, : self.experts]
+
     def lr_multipliers(self, family: str) -> dict[str, float]:
         """As every kind's for the kernel; the bias is mixed by the kernel attention alone (1/n each, unscaled)."""
         bias = matched_multiplier(family, [1.0 / self.experts] * self.experts)
