@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--pre-epochs", type=int, default=4, help="static training before conversion")
     parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs for every model")
     parser.add_argument("--kinds", nargs="*", default=list(KINDS), help="kind:experts entries")
-    parser.add_argument("--lr", type=float, default=0.01)
+    parser.add_argument("--lr", type=float, default=TrainConfig().lr, help="default: dynconv finetune's")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -57,7 +57,7 @@ def main() -> None:
 
         torch.manual_seed(0)
         static = convert.build_model("resnet18", num_classes=classes)
-        warm = TrainConfig(epochs=args.pre_epochs, lr=0.05, sched="none", warmup_epochs=0)
+        warm = TrainConfig(epochs=args.pre_epochs, opt="momentum", lr=0.05, sched="none", warmup_epochs=0)
         pre = train_model(static, plain_set, val_set, warm)
         static_loss, static_acc, static_pred = evaluate(static, val_loader)
         config = TrainConfig(epochs=args.epochs, lr=args.lr, val_fraction=0.2, temperature_epochs=args.epochs / 2)
@@ -84,8 +84,9 @@ def main() -> None:
         "(CondConv, DyConv and DyNet with 4 "
         "experts; default selection: the stem and the convs whose input is 1x1 at this resolution stay static). "
         "The static model and every conversion "
-        f"fine-tuned for {args.epochs} epochs with `dynconv finetune`'s defaults (timm: SGD momentum 0.9, "
-        f"lr {args.lr}, weight decay 1e-4 off norms and biases, cosine with a 1-epoch warm-up per step, batch 64, "
+        f"fine-tuned for {args.epochs} epochs with `dynconv finetune`'s defaults (timm: {config.opt}, "
+        f"lr {config.lr:g}, weight decay {config.weight_decay:g} off norms and biases, cosine with a "
+        f"{config.warmup_epochs:g}-epoch warm-up per step, batch {config.batch_size}, "
         "timm's training transform, same data order); DyConv's temperature annealed 30 → 1 over the first "
         f"{args.epochs / 2:g} epochs, ODConv kept at 1. {minutes:.1f} min on {args.threads} "
         f"thread{'s' if args.threads > 1 else ''}. "

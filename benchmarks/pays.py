@@ -311,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.mode == "report":
-        from pays_report import write_report
+        from pays_report import MEASURED, write_report
 
-        write_report(args.results)
+        committed = args.results.resolve() == RESULTS.resolve()  # only the committed records feed `dynconv kinds`
+        write_report(args.results, MEASURED if committed else args.results / "measured.py")
         return 0
     try:
         bench = Bench(args)

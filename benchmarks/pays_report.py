@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,6 +12,10 @@ from pays_loop import LOOP
 
 #: ``convert.convert_model``'s kind when none is given: what the target is about.
 DEFAULT_KIND = "condconv"
+#: The module ``dynconv kinds`` reads the per-kind results from.
+MEASURED = Path(__file__).resolve().parent.parent / "convert" / "measured.py"
+#: Where the committed records are.
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ORDER = ("static", "condconv", "dyconv", "dynet", "dcd", "odconv", "static-wall")
 
 
@@ -91,6 +96,44 @@ def target_lines(records: list[dict], kind: str = DEFAULT_KIND) -> list[str]:
     return lines
 
 
+def kind_lines(records: list[dict], setup: dict) -> dict[str, str]:
+    """Per kind, one sentence for ``dynconv kinds``: its test accuracy against static continued, and its cost."""
+    by_kind: dict[str, dict[int, dict]] = defaultdict(dict)
+    for r in records:
+        by_kind[r["kind"]][r["seed"]] = r
+    static = by_kind.get("static", {})
+    lines = {}
+    for kind, runs in by_kind.items():
+        seeds = [s for s in runs if s in static]
+        if kind.startswith("static") or not seeds:
+            continue
+        acc, std = mean_std([runs[s]["test_acc"] for s in seeds])
+        base, base_std = mean_std([static[s]["test_acc"] for s in seeds])
+        gain, gain_std = mean_std([runs[s]["test_acc"] - static[s]["test_acc"] for s in seeds])
+        time = statistics.fmean(runs[s]["epoch_seconds"] / static[s]["epoch_seconds"] for s in seeds)
+        lines[kind] = (
+            f"Fashion-MNIST, {setup['model']} {setup['size']} px, +{setup['epochs']} epoch(s), {len(seeds)} seeds "
+            f"(benchmarks/results/pays.md): test {_points(acc)} ± {100 * std:.2f} % vs static continued "
+            f"{_points(base)} ± {100 * base_std:.2f} % ({100 * gain:+.2f} ± {100 * gain_std:.2f} points), "
+            f"{time:.2f}x static's time per epoch"
+        )
+    return lines
+
+
+def measured_module(records: list[dict], setup: dict) -> str:
+    """The text of ``convert/measured.py``: what each kind bought on this benchmark, for ``dynconv kinds``."""
+    body = ""
+    for kind, text in kind_lines(records, setup).items():
+        chunks = textwrap.wrap(text, 90, drop_whitespace=False, break_on_hyphens=False)
+        body += f'    "{kind}": (\n' + "".join(f'        "{c}"\n' for c in chunks) + "    ),\n"
+    return (
+        '"""What each kind bought on the "does it pay?" benchmark, shown by ``dynconv kinds``.\n\n'
+        "Written by ``python benchmarks/pays.py report`` from the final records in benchmarks/results/\n"
+        '(tests/test_pays.py checks the two agree); edit the benchmark, not this file.\n"""\n\n'
+        f"PAYS: dict[str, str] = {{\n{body}}}\n"
+    )
+
+
 def routing_table(records: list[dict]) -> list[str]:
     """``convert.analyze`` numbers per kind, right after conversion → after fine-tuning (first seed)."""
     lines = [
@@ -138,8 +181,8 @@ def sweep_table(records: list[dict]) -> list[str]:
     return lines
 
 
-def write_report(results: Path) -> Path:
-    """Render ``results/pays.md``, keeping its "## Reading" section."""
+def write_report(results: Path, measured: Path | None = None) -> Path:
+    """Render ``results/pays.md``, keeping its "## Reading" section; ``measured``: where the kinds' lines go."""
     out = results / "pays.md"
     reading = ""
     if out.is_file() and "\n## Reading" in out.read_text():
@@ -191,4 +234,6 @@ def write_report(results: Path) -> Path:
     if sweep:
         lines += ["## Settings tried (validation split, seed 0)", "", *sweep_table(sweep), ""]
     out.write_text("\n".join(lines) + ("\n" + reading if reading else ""))
+    if records and setup and measured is not None:
+        measured.write_text(measured_module(records, setup))
     return out

@@ -37,9 +37,9 @@ def test_sweep_final_report_on_a_tiny_subsample(tmp_path: Path) -> None:
     tried = json.loads((tmp_path / "pays-sweep.json").read_text())
     assert sorted((r["kind"], r["label"]) for r in tried) == [
         ("condconv", "defaults"),
-        ("condconv", "opt=adamw"),
+        ("condconv", "opt=sgd"),
         ("static", "defaults"),
-        ("static", "opt=adamw"),
+        ("static", "opt=sgd"),
     ]
     assert all(r["setup"]["train"] == 128 and 0 <= r["val_acc"] <= 1 for r in tried)
     assert max(r["max_diff"] for r in tried if r["kind"] == "condconv") < 1e-4  # the conversion is exact
@@ -57,3 +57,23 @@ def test_sweep_final_report_on_a_tiny_subsample(tmp_path: Path) -> None:
     text = (tmp_path / "pays.md").read_text()
     assert "| condconv | " in text and "## Settings tried (validation split, seed 0)" in text
     assert "(the default kind) vs static continued" in text
+    measured = (tmp_path / "measured.py").read_text()  # what `dynconv kinds` would show: condconv only here
+    assert '"condconv": (' in measured and "vs static continued" in measured and '"dcd"' not in measured
+
+
+def test_dynconv_kinds_shows_what_the_benchmark_measured() -> None:
+    """convert/measured.py is what `pays.py report` writes from the committed final records, and kinds shows it."""
+    from pays_report import RESULTS_DIR, final_records, measured_module
+
+    from convert.cli.render import kinds_text
+    from convert.measured import PAYS
+    from dynconv import LAYERS
+
+    records, base = final_records(RESULTS_DIR)
+    assert records and base is not None
+    module = Path(__file__).resolve().parent.parent / "convert" / "measured.py"
+    assert module.read_text() == measured_module(records, base["setup"])
+    blocks = {block.split()[0]: " ".join(block.split()) for block in kinds_text(LAYERS, width=100).split("\n\n")}
+    for kind in ("condconv", "dyconv", "dynet", "dcd", "odconv"):
+        assert "measured: Fashion-MNIST, mobilenet_v3_small" in blocks[kind]
+        assert " ".join(PAYS[kind].split()) in blocks[kind]

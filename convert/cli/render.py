@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..converter import ConversionResult, LayerRecord
+from ..measured import PAYS
 from ..recipe import Recipe
 from ..sharing import SharingPlan
 from ..verify import Comparison
@@ -271,7 +272,7 @@ def kinds_text(layers: Mapping[str, type[DynamicConv2d]], width: int = 78) -> st
     no line of which is wider than ``width`` (the terminal's)."""
     width = max(width, 40)  # below that the labels leave no room: lines may then run over
     blocks = []
-    for name, cls in layers.items():
+    for name, cls in layers.items():  # "measured": what the kind bought on benchmarks/pays.py
         info = cls.info
         options = ", ".join(f"{o.name}={o.default!r}" for o in cls.option_specs().values()) or "none"
         header = f"{name}  {plain(info.title)}  (dynconv.{cls.__name__})"
@@ -282,6 +283,7 @@ def kinds_text(layers: Mapping[str, type[DynamicConv2d]], width: int = 78) -> st
             ("parameters", info.parameters),
             ("speed", info.speed),
             ("options", options),
+            ("measured", PAYS.get(name, "not on the Fashion-MNIST benchmark yet (benchmarks/pays.py)")),
         ):
             lines += textwrap.wrap(
                 plain(text),
