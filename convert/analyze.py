@@ -47,11 +47,11 @@ from torch.utils.data import DataLoader, Dataset, Subset
 import dynconv
 from dynconv.experts import DEFAULT_NOISE
 
-from .checkpoint import load_checkpoint
+from .checkpoint import checkpoint_preprocessing, load_checkpoint
 from .converter import CONVERSION_ATTR
 from .errors import UserError
 from .finetune import image_folder_splits
-from .preprocessing import Preprocessing, checkpoint_preprocessing
+from .preprocessing import Preprocessing
 from .recipe import name_matches
 
 #: A routing weight within this relative distance of the largest counts as a tie for the top.

@@ -33,7 +33,7 @@ from .errors import OutputPathError, UserError, check_output_path
 from .folding import FOLDED_ATTR
 from .heads import replace_head
 from .models import ModelSource, tag_base
-from .preprocessing import resolve_preprocessing
+from .preprocessing import Preprocessing, resolve_preprocessing
 from .sharing import apply_groups
 from .surgery import build_layer, get_module, replace_all
 from .weights import with_module_versions
@@ -186,6 +186,14 @@ def read_training_state(path: str | Path) -> tuple[dict[str, Any], dict[str, tor
     tensors = _read_tensors(Path(path))
     n = len(TRAINING_PREFIX)
     return meta["training"], {k[n:]: v for k, v in tensors.items() if k.startswith(TRAINING_PREFIX)}
+
+
+def checkpoint_preprocessing(path: str | Path, model: nn.Module | None = None) -> Preprocessing:
+    """The preprocessing a checkpoint records; older files: resolved from ``model`` (the loaded checkpoint)."""
+    recorded = read_metadata(path).get("preprocessing")
+    if recorded:
+        return Preprocessing.from_dict(recorded)
+    return resolve_preprocessing(model) if model is not None else Preprocessing()
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:

@@ -9,7 +9,6 @@ and evaluation transforms are timm's ``create_transform`` with these settings.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -92,16 +91,6 @@ def _torchvision_preprocessing(name: str) -> Preprocessing | None:
         "center",
         "torchvision",
     )
-
-
-def checkpoint_preprocessing(path: str | Path, model: nn.Module | None = None) -> Preprocessing:
-    """The preprocessing a checkpoint records; older files: resolved from ``model`` (the loaded checkpoint)."""
-    from .checkpoint import read_metadata
-
-    recorded = read_metadata(path).get("preprocessing")
-    if recorded:
-        return Preprocessing.from_dict(recorded)
-    return resolve_preprocessing(model) if model is not None else Preprocessing()
 
 
 def eval_transform(prep: Preprocessing) -> Any:

@@ -35,7 +35,8 @@ def trained_like(name: str) -> nn.Module:
 
 def converted(name: str, kind: str) -> nn.Module:
     """``name`` converted to ``kind`` with routers moved off zero, so routing depends on the input."""
-    model = convert.convert_model(trained_like(name), kind=kind, experts=4, input_size=64).model
+    experts = {} if kind == "dcd" else {"experts": 4}  # DCD has no experts and refuses the option
+    model = convert.convert_model(trained_like(name), kind=kind, input_size=64, **experts).model
     gen = torch.Generator().manual_seed(2)
     # DCD and ODConv routers scale or add to the whole kernel: logits of order one compound over
     # twenty layers (no BatchNorm renormalises in eval mode) into overflow, a tenth does not

@@ -18,9 +18,8 @@ import pytest
 import torch
 
 import convert
-from convert.checkpoint import read_metadata, tensor_shapes
+from convert.checkpoint import checkpoint_preprocessing, read_metadata, tensor_shapes
 from convert.finetune.state import read_sidecar, read_sidecar_info, sidecar_path
-from convert.preprocessing import checkpoint_preprocessing
 
 ROOT = Path(__file__).resolve().parent.parent
 DYNCONV = Path(sys.executable).with_name("dynconv")

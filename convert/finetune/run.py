@@ -18,11 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from ..checkpoint import CheckpointError, checkpoint_preprocessing, load_checkpoint, read_metadata, save_checkpoint
 from ..converter import CONVERSION_ATTR
 from ..errors import UserError, check_output_path
 from ..heads import replace_head
-from ..preprocessing import checkpoint_preprocessing
 from .config import TrainConfig
 from .data import image_folder_splits
 from .loop import EpochLog, Hooks, RunState, train_model
