@@ -33,6 +33,7 @@ from .errors import OutputPathError, UserError, check_output_path
 from .folding import FOLDED_ATTR
 from .heads import replace_head
 from .models import ModelSource, tag_base
+from .plan import ConvPlan
 from .preprocessing import resolve_preprocessing
 from .sharing import apply_groups
 from .surgery import build_layer, get_module, replace_all
@@ -300,7 +301,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
             raise CheckpointError(
                 f"{path} does not match the base model: {names[0]!r} is a {type(conv).__name__}, not a Conv2d"
             )
-        replace_all(rebuilt, names, build_layer(conv, record["kind"], record["options"]))
+        replace_all(rebuilt, names, build_layer(conv, ConvPlan.from_record(conv, record["kind"], record["options"])))
     sharing = list(meta.get("sharing") or [])
     try:
         apply_groups(rebuilt, sharing)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core.kernels import add_bias, mix_bias
-from ..experts import DEFAULT_NOISE, upcycle
+from ..experts import DEFAULT_EXPERTS, DEFAULT_NOISE, upcycle
 from ..functional import STRATEGIES, dynamic_conv2d
 from ..geometry import ConvGeometry, IntPair, Padding, as_pair, tf_same_padding
 from ..routing import Router
@@ -82,7 +82,7 @@ class DynamicConv2d(nn.Module):
         bias: bool = True,
         padding_mode: str = "zeros",
         *,
-        experts: int = 4,
+        experts: int = DEFAULT_EXPERTS,
         standardize: WeightStandardization | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -232,7 +232,7 @@ class DynamicConv2d(nn.Module):
     def from_conv(
         cls,
         conv: nn.Conv2d,
-        experts: int = 4,
+        experts: int = DEFAULT_EXPERTS,
         *,
         noise: float = DEFAULT_NOISE,
         seed: int = 0,

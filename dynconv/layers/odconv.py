@@ -24,7 +24,7 @@ from ..core.forms import Form, register_form
 from ..core.kernels import mix_bias, pointwise_conv
 from ..core.rules import odconv_path
 from ..core.scope import note_strategy
-from ..experts import DEFAULT_NOISE
+from ..experts import DEFAULT_EXPERTS, DEFAULT_NOISE
 from ..functional import dynamic_conv2d
 from ..geometry import ConvGeometry, Padding
 from ..routing import Router, global_pool
@@ -269,7 +269,7 @@ class ODConv2d(DynamicConv2d):
     def from_conv(
         cls,
         conv: nn.Conv2d,
-        experts: int = 4,
+        experts: int = DEFAULT_EXPERTS,
         *,
         noise: float = DEFAULT_NOISE,
         seed: int = 0,
