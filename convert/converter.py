@@ -175,17 +175,18 @@ def convert_model(
     (seeded by ``seed``; recorded, so the checkpoint rebuilds it); ``result.reference``
     is then the unconverted model with that same head, what the conversion preserves.
     ``kind``, ``experts``, ``noise`` and ``seed`` override the recipe's defaults (the
-    built-in ones are in :mod:`convert.options`: condconv, 4 experts, noise 0.1, seed 0);
+    built-in ones, with their help, are in :mod:`convert.options`);
     ``include``/``exclude`` are globs (or ``re:`` regexes) on qualified names. ``input_size``
     is the probe forward's size (default: the model's own, e.g. 224). ``share_routing="block"``
     makes the converted convs of each block share one router fed by the block's input
     (see :mod:`convert.sharing`).
 
-    The stages, in order: check the arguments against the recipe; give the copy its new
-    head; probe the convs' shapes; decide each conv's plan; build and put each layer in
-    place, recording it; warn; share routers within blocks.
+    The stages, in order: check the arguments against the recipe; identify the base
+    model; give the copy its new head; probe the convs' shapes; decide each conv's plan;
+    build and put each layer in place, recording it; warn; share routers within blocks.
     """
     selection = _check_arguments(recipe, kind, experts, noise, seed, include, exclude, share_routing)
+    base = base_of(model)
     reference, head = _with_new_head(model, num_classes, selection.seed)
     converted = _copy(reference)
     sites, shape, selection, rules = _probe(model, converted, input_size, selection)
@@ -202,7 +203,7 @@ def convert_model(
     ]
     sharing = _share_routers(converted, built, shape)
     conversion = Conversion(
-        base_of(model),
+        base,
         {**selection.recipe.model_dump(), "overrides": selection.overrides, "seed": selection.seed},
         shape,
         layers=recorded,
@@ -214,7 +215,7 @@ def convert_model(
         model=converted,
         layers=built.records,
         skipped=built.skipped,
-        base=conversion.base,
+        base=base,
         recipe=conversion.recipe,
         input_shape=shape,
         params_before=count_params(reference),
