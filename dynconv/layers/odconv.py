@@ -226,6 +226,7 @@ class ODConv2d(DynamicConv2d):
     """
 
     kind = "odconv"
+    routing_unshareable = "computes its kernel its own way, not as one routing vector over its experts"
     info = KindInfo(
         title="ODConv: omni-dimensional dynamic convolution (Li, Zhou, Yao, ICLR 2022)",
         formula="W(x) = sum_i a_w,i(x) a_f(x) a_c(x) a_s(x) W_i: kernel (softmax over n), output-channel, "
