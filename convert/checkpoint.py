@@ -15,9 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +26,13 @@ from torch import nn
 
 import dynconv
 
+from .atomic import staged_output
 from .converter import CONVERSION_ATTR, Conversion, ConversionResult
 from .errors import OutputPathError, UserError, check_output_path
 from .folding import FOLDED_ATTR
 from .heads import replace_head
 from .models import ModelSource, tag_base
+from .plan import ConvPlan
 from .preprocessing import Preprocessing, resolve_preprocessing
 from .sharing import apply_groups
 from .surgery import build_layer, get_module, replace_all
@@ -86,13 +86,6 @@ def _digest(tensors: dict[str, torch.Tensor], structure: dict[str, Any]) -> str:
         sha.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         sha.update(t.reshape(-1).view(torch.uint8).cpu().numpy().tobytes())
     return sha.hexdigest()
-
-
-def _default_file_mode() -> int:
-    """The mode ``open()`` would give a new file under the current umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _conversion_of(source: ConversionResult | nn.Module) -> tuple[nn.Module, Conversion]:
@@ -160,21 +153,12 @@ def save_checkpoint(
 
 
 def write_safetensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> Path:
-    """Write a safetensors file through a synced temporary file renamed into place: never half-written."""
+    """Write a safetensors file through a synced staged file renamed into place: never half-written."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with staged_output(path) as staged:
+            save_file(tensors, staged, metadata=metadata)
     except OSError as exc:
         raise CheckpointError(f"cannot write to folder {path.parent}: {exc.strerror or exc}") from None
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _default_file_mode())  # mkstemp makes it owner-only; a checkpoint is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -308,7 +292,7 @@ def load_checkpoint(path: str | Path, model: nn.Module | None = None) -> nn.Modu
             raise CheckpointError(
                 f"{path} does not match the base model: {names[0]!r} is a {type(conv).__name__}, not a Conv2d"
             )
-        replace_all(rebuilt, names, build_layer(conv, record["kind"], record["options"]))
+        replace_all(rebuilt, names, build_layer(conv, ConvPlan.from_record(conv, record["kind"], record["options"])))
     sharing = list(meta.get("sharing") or [])
     try:
         apply_groups(rebuilt, sharing)

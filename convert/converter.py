@@ -10,31 +10,24 @@ from __future__ import annotations
 
 import copy
 import warnings
-import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
-from dynconv import LAYERS, DynamicConv2d
+from dynconv import DynamicConv2d
 from dynconv.shared_routing import count_routers
 
-from .conv_classes import UnsupportedConvError, conversion_options
 from .counting import count_macs, count_params
 from .errors import UserError
 from .heads import replace_head
 from .identify import base_of
 from .models import ModelSource
-from .probe import ConvSite, default_input_size, find_convs, is_already_dynamic, probe
-from .recipe import Recipe, check_kind_options, load_recipe, name_matches
-from .selection import (
-    RuleReport,
-    check_patterns,
-    default_skip_reason,
-    named_exactly,
-    nothing_converted,
-    shrunk_by_probe,
-)
+from .options import default
+from .plan import ConvPlan, Selection, Skip, decide
+from .probe import ConvSite, default_input_size, find_convs, probe
+from .recipe import Recipe, check_kind_options, load_recipe
+from .selection import RuleReport, check_patterns, nothing_converted, shrunk_by_probe
 from .sharing import SharingPlan, check_mode, share_blocks
 from .surgery import build_layer, replace_all
 
@@ -148,11 +141,6 @@ class ConversionResult:
         }
 
 
-def layer_seed(seed: int, name: str) -> int:
-    """A per-layer seed: stable across runs and machines, different for every layer."""
-    return (seed * 1_000_003 + zlib.crc32(name.encode())) % 2**31
-
-
 def _input_shape(model: nn.Module, input_size: int | tuple[int, ...] | None) -> tuple[int, int, int]:
     channels, height, width = default_input_size(model)
     if input_size is None:
@@ -186,99 +174,47 @@ def convert_model(
     ``num_classes`` gives the copy a new classifier head for that many classes first
     (seeded by ``seed``; recorded, so the checkpoint rebuilds it); ``result.reference``
     is then the unconverted model with that same head, what the conversion preserves.
-    ``kind`` (default ``condconv``), ``experts`` (default 4), ``noise`` and ``seed``
-    override the recipe's defaults; ``include``/``exclude`` are globs (or ``re:``
-    regexes) on qualified names. ``input_size`` is the probe forward's size (default:
-    the model's own, e.g. 224). ``share_routing="block"`` makes the converted convs of
-    each block share one router fed by the block's input (see :mod:`convert.sharing`).
+    ``kind``, ``experts``, ``noise`` and ``seed`` override the recipe's defaults (the
+    built-in ones, with their help, are in :mod:`convert.options`);
+    ``include``/``exclude`` are globs (or ``re:`` regexes) on qualified names. ``input_size``
+    is the probe forward's size (default: the model's own, e.g. 224). ``share_routing="block"``
+    makes the converted convs of each block share one router fed by the block's input
+    (see :mod:`convert.sharing`).
+
+    The stages, in order: check the arguments against the recipe; identify the base
+    model; give the copy its new head; probe the convs' shapes; decide each conv's plan;
+    build and put each layer in place, recording it; warn; share routers within blocks.
     """
-    spec = load_recipe(recipe)
-    if experts is not None and (not isinstance(experts, int) or experts < 1):
-        raise UserError(f"experts must be a positive integer, got {experts!r}")
-    if noise is not None and noise < 0:
-        raise UserError(f"noise must be >= 0, got {noise}")
-    given = {"kind": kind, "experts": experts, "noise": noise, "share_routing": check_mode(share_routing)}
-    overrides = check_kind_options(spec, given)  # --kind DyConv is dyconv; dcd takes no experts
-    seed = seed if seed is not None else (spec.defaults.seed or 0)
-    include = [include] if isinstance(include, str) else list(include or [])
-    exclude = [exclude] if isinstance(exclude, str) else list(exclude or [])
-
+    selection = _check_arguments(recipe, kind, experts, noise, seed, include, exclude, share_routing)
     base = base_of(model)
-    reference, head = model, None
-    if num_classes is not None:
-        reference = _copy(model)
-        head = {"num_classes": num_classes, "layers": replace_head(reference, num_classes, seed)}
+    reference, head = _with_new_head(model, num_classes, selection.seed)
     converted = _copy(reference)
-    sites = find_convs(converted)
-    shape = _input_shape(model, input_size)
-    probe(converted, sites, shape)
-    rules = check_patterns(include, exclude, spec, sites)
-    shrunk = shrunk_by_probe(converted, sites, shape, default_input_size(model))
-
-    layers: list[LayerRecord] = []
-    skipped: list[SkipRecord] = []
-    conversion = Conversion(base, {**spec.model_dump(), "overrides": overrides, "seed": seed}, shape, head=head)
-    built: dict[str, DynamicConv2d] = {}
-    wanted: dict[str, bool] = {}
-    for site in sites:
-        reason, options, default = _decide(site, spec, overrides, include, exclude, shrunk, shape[1:])
-        if reason is not None:
-            skipped.append(
-                SkipRecord(
-                    site.name,
-                    site.names[1:],
-                    reason,
-                    site.kernel,
-                    site.in_channels,
-                    site.out_channels,
-                    site.input_hw,
-                    default,
-                )
-            )
-            continue
-        conv = site.module
-        this_seed = layer_seed(seed, site.name)
-        layer = build_layer(conv, options["kind"], options, noise=float(options["noise"]), seed=this_seed)
-        replace_all(converted, site.names, layer)
-        built[site.name], wanted[site.name] = layer, options.get("share_routing") == "block"
-        conversion.layers.append({"names": site.names, "kind": layer.kind, "options": layer.layer_options()})
-        layers.append(
-            LayerRecord(
-                name=site.name,
-                aliases=site.names[1:],
-                kind=layer.kind,
-                experts=layer.experts,
-                in_channels=site.in_channels,
-                out_channels=site.out_channels,
-                kernel=site.kernel,
-                stride=site.stride,
-                groups=site.groups,
-                conv_type=site.conv_type,
-                input_hw=site.input_hw,
-                output_hw=site.output_hw,
-                params_before=count_params(conv),
-                params_after=count_params(layer),
-                macs_before=None if site.input_shape is None else count_macs(conv, site.input_shape),
-                macs_after=None if site.input_shape is None else count_macs(layer, site.input_shape),
-                options=layer.layer_options(),
-                seed=this_seed,
-                noise=float(options["noise"]),
-            )
-        )
-    if not layers:
-        raise nothing_converted(skipped)
-    notes = _warnings(skipped, shrunk, shape, rules)
+    sites, shape, selection, rules = _probe(model, converted, input_size, selection)
+    decisions = [(site, decide(site, selection)) for site in sites]
+    built = _build_and_replace(converted, decisions)
+    if not built.records:
+        raise nothing_converted(built.skipped)
+    notes = _warnings(built.skipped, selection.shrunk, shape, rules)
     for note in notes:
         warnings.warn(note.message, ConversionWarningCategory, stacklevel=2)
-    sharing = None
-    if any(wanted.values()):
-        sharing = share_blocks(converted, built, wanted, {r.name: r for r in layers}, shape)
-        conversion.sharing = [g.to_dict() for g in sharing.groups]
+    recorded = [
+        {"names": [r.name, *r.aliases], "kind": r.kind, "options": built.layers[r.name].layer_options()}
+        for r in built.records
+    ]
+    sharing = _share_routers(converted, built, shape)
+    conversion = Conversion(
+        base,
+        {**selection.recipe.model_dump(), "overrides": selection.overrides, "seed": selection.seed},
+        shape,
+        layers=recorded,
+        sharing=[] if sharing is None else [g.to_dict() for g in sharing.groups],
+        head=head,
+    )
     setattr(converted, CONVERSION_ATTR, conversion)
     return ConversionResult(
         model=converted,
-        layers=layers,
-        skipped=skipped,
+        layers=built.records,
+        skipped=built.skipped,
         base=base,
         recipe=conversion.recipe,
         input_shape=shape,
@@ -292,6 +228,128 @@ def convert_model(
         rules=rules,
         warnings=notes,
     )
+
+
+def _check_arguments(
+    recipe: Recipe | dict[str, Any] | str | None,
+    kind: str | None,
+    experts: int | None,
+    noise: float | None,
+    seed: int | None,
+    include: list[str] | str | None,
+    exclude: list[str] | str | None,
+    share_routing: str | None,
+) -> Selection:
+    """The recipe and the arguments, checked and resolved before any work (``--kind DyConv`` is dyconv; dcd
+    takes no experts); the probe's findings are added by :func:`_probe`."""
+    spec = load_recipe(recipe)
+    if experts is not None and (not isinstance(experts, int) or experts < 1):
+        raise UserError(f"experts must be a positive integer, got {experts!r}")
+    if noise is not None and noise < 0:
+        raise UserError(f"noise must be >= 0, got {noise}")
+    given = {"kind": kind, "experts": experts, "noise": noise, "share_routing": check_mode(share_routing)}
+    if seed is None:
+        seed = spec.defaults.seed if spec.defaults.seed is not None else default("seed")
+    return Selection(
+        recipe=spec,
+        overrides=check_kind_options(spec, given),
+        seed=seed,
+        include=[include] if isinstance(include, str) else list(include or []),
+        exclude=[exclude] if isinstance(exclude, str) else list(exclude or []),
+    )
+
+
+def _with_new_head(model: nn.Module, num_classes: int | None, seed: int) -> tuple[nn.Module, dict[str, Any] | None]:
+    """What the conversion preserves: ``model`` itself, or a copy with a new (seeded) head for ``num_classes``."""
+    if num_classes is None:
+        return model, None
+    reference = _copy(model)
+    return reference, {"num_classes": num_classes, "layers": replace_head(reference, num_classes, seed)}
+
+
+def _probe(
+    model: nn.Module, converted: nn.Module, input_size: int | tuple[int, ...] | None, selection: Selection
+) -> tuple[list[ConvSite], tuple[int, int, int], Selection, list[RuleReport]]:
+    """The convs of ``converted`` with their shapes from one forward at the probe size; the selection with the
+    probe's findings; and each recipe rule's report (a pattern that matches no conv is an error here)."""
+    sites = find_convs(converted)
+    shape = _input_shape(model, input_size)
+    probe(converted, sites, shape)
+    rules = check_patterns(selection.include, selection.exclude, selection.recipe, sites)
+    shrunk = shrunk_by_probe(converted, sites, shape, default_input_size(model))
+    return sites, shape, replace(selection, shrunk=shrunk, size=shape[1:]), rules
+
+
+@dataclass
+class _Built:
+    """The outcome of the build stage: the new layers by name, their records, and the convs left static."""
+
+    layers: dict[str, DynamicConv2d] = field(default_factory=dict)
+    plans: dict[str, ConvPlan] = field(default_factory=dict)
+    records: list[LayerRecord] = field(default_factory=list)
+    skipped: list[SkipRecord] = field(default_factory=list)
+
+
+def _build_and_replace(converted: nn.Module, decisions: list[tuple[ConvSite, ConvPlan | Skip]]) -> _Built:
+    """Build each planned layer from its conv and put it under every name the conv had; record every conv."""
+    built = _Built()
+    for site, decision in decisions:
+        if isinstance(decision, Skip):
+            built.skipped.append(_skip_record(site, decision))
+            continue
+        layer = build_layer(site.module, decision)
+        replace_all(converted, site.names, layer)
+        built.layers[site.name], built.plans[site.name] = layer, decision
+        built.records.append(_layer_record(site, layer, decision))
+    return built
+
+
+def _layer_record(site: ConvSite, layer: DynamicConv2d, plan: ConvPlan) -> LayerRecord:
+    """Where a converted conv is, what it became, and its parameters and MACs before and after."""
+    conv = site.module
+    return LayerRecord(
+        name=site.name,
+        aliases=site.names[1:],
+        kind=layer.kind,
+        experts=layer.experts,
+        in_channels=site.in_channels,
+        out_channels=site.out_channels,
+        kernel=site.kernel,
+        stride=site.stride,
+        groups=site.groups,
+        conv_type=site.conv_type,
+        input_hw=site.input_hw,
+        output_hw=site.output_hw,
+        params_before=count_params(conv),
+        params_after=count_params(layer),
+        macs_before=None if site.input_shape is None else count_macs(conv, site.input_shape),
+        macs_after=None if site.input_shape is None else count_macs(layer, site.input_shape),
+        options=layer.layer_options(),
+        seed=plan.seed,
+        noise=plan.noise,
+    )
+
+
+def _skip_record(site: ConvSite, skip: Skip) -> SkipRecord:
+    """A conv left static, and why."""
+    return SkipRecord(
+        site.name,
+        site.names[1:],
+        skip.reason,
+        site.kernel,
+        site.in_channels,
+        site.out_channels,
+        site.input_hw,
+        skip.default,
+    )
+
+
+def _share_routers(converted: nn.Module, built: _Built, shape: tuple[int, int, int]) -> SharingPlan | None:
+    """With ``share_routing: block``, one router per block for the convs that asked for it; else ``None``."""
+    wanted = {name: plan.share_routing for name, plan in built.plans.items()}
+    if not any(wanted.values()):
+        return None
+    return share_blocks(converted, built.layers, wanted, {r.name: r for r in built.records}, shape)
 
 
 class ConversionWarningCategory(UserWarning):
@@ -329,41 +387,3 @@ def _warnings(
         if rule.convs == 0:
             notes.append(ConversionWarning(f"recipe rule {rule.index} ({rule.match}) matches no conv"))
     return notes
-
-
-def _decide(
-    site: ConvSite,
-    spec: Recipe,
-    overrides: dict[str, Any],
-    include: list[str],
-    exclude: list[str],
-    shrunk: set[str],
-    size: tuple[int, int],
-) -> tuple[str | None, dict[str, Any], bool]:
-    """``(reason to skip or None, resolved options, whether it is a default skip)`` for one conv.
-
-    An include glob narrows the scope; the default skips still apply inside it unless the
-    conv is named exactly or a recipe rule keeps it (``skip: false``).
-    """
-    if is_already_dynamic(site.module):
-        return f"already a dynamic conv ({type(site.module).__name__})", {}, False
-    try:
-        extra = conversion_options(site.module)
-    except UnsupportedConvError as exc:
-        return str(exc), {}, False
-    if include and not any(name_matches(p, n) for p in include for n in site.names):
-        return "not matched by the include patterns", {}, False
-    for pattern in exclude:
-        if any(name_matches(pattern, n) for n in site.names):
-            return f"excluded by pattern {pattern!r}", {}, False
-    options, skip_rule, unskipped = spec.resolve(site, overrides)
-    if skip_rule is not None:
-        return f"skipped by recipe rule {skip_rule}", options, False
-    refusal = LAYERS[options["kind"]].unsupported(extra)
-    if refusal is not None:
-        return refusal, options, False
-    if not (unskipped or named_exactly(site, include)):
-        default = default_skip_reason(site, shrunk, size)
-        if default is not None:
-            return default, options, True
-    return None, options, False

@@ -18,8 +18,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import os
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -34,6 +32,7 @@ import dynconv
 from dynconv.core import record_strategies
 from dynconv.core.rules import fixed_batch_form
 
+from .atomic import staged_output
 from .errors import UserError, WorkFailedError, check_output_path, first_line
 from .folding import FoldResult, fold_batchnorm
 from .preprocessing import resolve_preprocessing
@@ -213,8 +212,7 @@ def export_onnx(
     program.model.metadata_props["dynconv.batch"] = "dynamic" if batch is None else str(batch)
     program.model.metadata_props["dynconv.strategies"] = json.dumps(traced, sort_keys=True)
     program.model.metadata_props["dynconv.preprocessing"] = json.dumps(resolve_preprocessing(model).to_dict())
-    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as staging:
-        staged = Path(staging) / path.name
+    with staged_output(path) as staged:
         program.save(staged)
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -227,8 +225,6 @@ def export_onnx(
                 f"ONNX Runtime differs from PyTorch by {bad[0].max_rel:.2e} (relative) at batch {bad[0].batch}, "
                 f"beyond the {REL_TOL_TEXT} tolerance; {path} was not written"
             )
-        for item in sorted(Path(staging).iterdir(), key=lambda p: p == staged):  # external data first, graph last
-            os.replace(item, path.parent / item.name)
     opset_used = next((v for d, v in program.model.opset_imports.items() if d == ""), opset or 0)
     seconds = time.perf_counter() - start
     return ExportResult(path, input_shape, int(opset_used), checks, folded, seconds, batch, traced)

@@ -23,14 +23,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from dynconv import LAYERS, DynamicConv2d
-from dynconv.experts import DEFAULT_NOISE
+from dynconv.layers import canonical_kind
 
 from .errors import UserError
 from .models import ModelSource
+from .options import builtin_options, default, help_text, router_option_help
 
 ConvType = Literal["pointwise", "depthwise", "spatial"]
-#: The weakest level of the precedence order: what a conv gets when nothing else says.
-BUILTIN_DEFAULTS: dict[str, Any] = {"kind": "condconv", "experts": 4, "noise": DEFAULT_NOISE}
 #: Options that apply to every kind (the rest are checked by :func:`check_kind_options`).
 _SHARED_OPTIONS = frozenset({"kind", "noise", "seed", "share_routing"})
 
@@ -61,11 +60,11 @@ class CommonOptions(_Strict):
     by :func:`layer_options_model`.
     """
 
-    kind: str | None = None
-    experts: int | None = Field(None, ge=1, le=256)
-    noise: float | None = Field(None, ge=0, le=1)
+    kind: str | None = Field(None, description=help_text("kind"))
+    experts: int | None = Field(None, ge=1, le=256, description=help_text("experts"))
+    noise: float | None = Field(None, ge=0, le=1, description=help_text("noise"))
     #: ``block``: the converted convs of one block share one router (see :mod:`convert.sharing`).
-    share_routing: Literal["none", "block"] | None = None
+    share_routing: Literal["none", "block"] | None = Field(None, description=help_text("share_routing"))
 
     @field_validator("kind")
     @classmethod
@@ -75,14 +74,6 @@ class CommonOptions(_Strict):
     def set_options(self) -> dict[str, Any]:
         """The options this level sets (those not left at ``None``)."""
         return {k: v for k, v in self.model_dump(exclude={"match", "skip", "seed"}).items() if v is not None}
-
-
-def canonical_kind(kind: str) -> str:
-    """The registered kind called ``kind``, in any case (``DyConv`` -> ``dyconv``); ``ValueError`` if none is."""
-    names = {name.lower(): name for name in LAYERS}
-    if not isinstance(kind, str) or kind.lower() not in names:
-        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(LAYERS)}")
-    return names[kind.lower()]
 
 
 def kind_options(kind: str) -> tuple[str, ...]:
@@ -120,7 +111,7 @@ def check_kind_options(
             given["kind"] = canonical_kind(given["kind"])
         except ValueError as exc:
             raise UserError(str(exc)) from None
-    own_kind = recipe.defaults.kind or BUILTIN_DEFAULTS["kind"]
+    own_kind = recipe.defaults.kind or default("kind")
     switched = {rule.kind for rule in recipe.rules if rule.kind is not None}
     _refuse_foreign(recipe.defaults.set_options(), {own_kind, *switched}, f"{source}: defaults: ", RecipeError)
     for index, rule in enumerate(recipe.rules):
@@ -139,7 +130,10 @@ def _kind_option_fields(layers: tuple[type[DynamicConv2d], ...]) -> dict[str, An
                 continue
             b = spec.bounds
             limits = {} if b is None else {"ge": b.ge, "gt": b.gt, "le": b.le, "lt": b.lt}
-            fields[spec.name] = (spec.type | None, Field(None, **limits))
+            fields[spec.name] = (
+                spec.type | None,
+                Field(None, description=router_option_help(spec.name, layers), **limits),
+            )
     return fields
 
 
@@ -192,7 +186,7 @@ class Selector(_Strict):
 def recipe_schema(layers: tuple[type[DynamicConv2d], ...]) -> type[Recipe]:
     """The :class:`Recipe` model whose rules and defaults accept the options of ``layers``."""
     options = create_model("LayerOptions", __base__=CommonOptions, **_kind_option_fields(layers))
-    defaults = create_model("Defaults", __base__=options, seed=(int | None, None))
+    defaults = create_model("Defaults", __base__=options, seed=(int | None, Field(None, description=help_text("seed"))))
     rule = create_model(
         "Rule", __base__=options, match=(Selector, Field(default_factory=Selector)), skip=(bool | None, None)
     )
@@ -232,7 +226,7 @@ class Recipe(_Strict):
 
     def options(self, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
         """Built-in defaults < this recipe's defaults < ``overrides``: what a conv no rule matches gets."""
-        return {**BUILTIN_DEFAULTS, **self.defaults.set_options(), **(overrides or {})}
+        return {**builtin_options(), **self.defaults.set_options(), **(overrides or {})}
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
@@ -273,6 +267,11 @@ class Recipe(_Strict):
 def _current_schema() -> type[Recipe]:
     """The recipe schema for the kinds registered now (cached per registry state)."""
     return recipe_schema(tuple(LAYERS.values()))
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """The JSON schema of a recipe for the kinds registered now; each option's description names its default."""
+    return _current_schema().model_json_schema()
 
 
 def load_recipe(recipe: Recipe | dict[str, Any] | str | Path | None) -> Recipe:

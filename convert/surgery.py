@@ -1,32 +1,27 @@
 """Replacing modules by qualified name, and building a dynamic layer from a recorded spec.
 
-Both the converter and checkpoint loading go through :func:`build_layer`, so a
-checkpoint is rebuilt with exactly the structure the conversion produced.
+Both the converter and checkpoint loading go through :func:`build_layer` with a
+:class:`~convert.plan.ConvPlan`, so a checkpoint is rebuilt with exactly the structure
+the conversion produced.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from dynconv import DynamicConv2d, layer_class
 
-from .conv_classes import conversion_options
+if TYPE_CHECKING:
+    from .plan import ConvPlan
 
 
-def build_layer(
-    conv: nn.Conv2d, kind: str, options: dict[str, Any], *, noise: float = 0.0, seed: int = 0
-) -> DynamicConv2d:
-    """A ``kind`` layer from ``conv`` with recorded ``options`` (``experts`` and router options).
-
-    ``padding``/``standardize`` come from the conv's class (see :mod:`convert.conv_classes`);
-    options that do not apply to ``kind`` are ignored, so one recipe can mix kinds.
-    """
-    cls = layer_class(kind)
-    router = {k: v for k, v in options.items() if k in cls.router_option_names()}
-    extra = conversion_options(conv)
-    return cls.from_conv(conv, experts=int(options["experts"]), noise=noise, seed=seed, **extra, **router)
+def build_layer(conv: nn.Conv2d, plan: ConvPlan) -> DynamicConv2d:
+    """The dynamic layer ``plan`` describes, from ``conv``'s weights (see :class:`convert.plan.ConvPlan`)."""
+    return layer_class(plan.kind).from_conv(
+        conv, experts=plan.experts, noise=plan.noise, seed=plan.seed, **plan.conv_options, **plan.router
+    )
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+#: Experts per layer when none are asked for (every kind with a bank of experts, and the converter).
+DEFAULT_EXPERTS = 4
 #: 10% of the kernel's RMS: a softmax router's gradient at conversion is proportional to it (0.01: near uniform)
 DEFAULT_NOISE = 0.1
 

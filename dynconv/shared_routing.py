@@ -68,15 +68,15 @@ def sharing_refusal(layer: DynamicConv2d) -> str | None:
     """Why ``layer`` cannot use a routing computed for another conv, or ``None`` if it can.
 
     Sharing needs one routing weight per expert and sample (``[B, K]``), used by the stock
-    mixture of experts. Per-output-channel coefficients (DyNet's ``[B, K, C_out]``) belong
-    to one conv's own output channels, which mean nothing to another conv; kinds that
-    compute their kernel their own way keep their own router.
+    mixture of experts; a kind that routes otherwise (DyNet per output channel, DCD and
+    ODConv computing their kernel their own way) says why in ``routing_unshareable``.
     """
-    if type(layer).forward is not DynamicConv2d.forward or type(layer).route is not DynamicConv2d.route:
-        return f"{layer.kind} computes its kernel its own way, not as one routing vector over its experts"
+    reason = type(layer).routing_unshareable
+    if reason is not None:
+        return f"{layer.kind} {reason}"
     param = next(layer.router.parameters(), None)
     factory = {} if param is None else {"dtype": param.dtype, "device": param.device}
-    try:
+    try:  # the declaration checked on the router: one weight per expert
         with torch.no_grad():
             sample = layer.router.eval()(torch.zeros(1, layer.in_channels, 1, 1, **factory))
     except Exception as exc:  # a router of a kind this module does not know
@@ -84,10 +84,7 @@ def sharing_refusal(layer: DynamicConv2d) -> str | None:
     finally:
         layer.router.train(layer.training)
     if not isinstance(sample, Tensor) or sample.dim() != 2 or sample.shape[1] != layer.experts:
-        return (
-            f"{layer.kind} routes per output channel (coefficients for this conv's own output channels), "
-            "which no other conv can use"
-        )
+        return f"{layer.kind} routes otherwise than one weight per expert, which no other conv can use"
     return None
 
 

@@ -288,3 +288,14 @@ def test_pre_activation_and_repeated_blocks_keep_their_routers_with_the_reason()
     assert "2 (PreActivation)" in reasons["2.conv1"] and "reads a transformed input" in reasons["2.conv1"]
     assert "3 (Residual)" in reasons["3.conv1"] and "called 2 times" in reasons["3.conv1"]
     assert result.totals["routers"] == 5
+
+
+def test_a_kind_declares_why_it_cannot_share_its_routing() -> None:
+    from dynconv.shared_routing import sharing_refusal
+
+    class KeepsItsRouting(dynconv.CondConv2d):
+        routing_unshareable = "keeps its routing to itself"
+
+    conv = nn.Conv2d(4, 4, 3)
+    assert sharing_refusal(dynconv.CondConv2d.from_conv(conv)) is None
+    assert sharing_refusal(KeepsItsRouting.from_conv(conv)) == "condconv keeps its routing to itself"

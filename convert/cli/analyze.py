@@ -126,8 +126,6 @@ def analyze_cmd(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
-    if not data.is_dir():
-        raise UsageError(f"image folder {data} does not exist")
     progress = Progress(
         TextColumn("analysing"),
         BarColumn(),

@@ -14,8 +14,7 @@ from torch.utils.data import DataLoader
 
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..collapse import METRICS, CollapseResult, collapse
-from ..models import build_model
-from .common import Debug, Json, UsageError, check_output, command, out, steps
+from .common import BaseModelName, Debug, Json, UsageError, base_model, check_output, command, out, steps
 
 
 def _value(value: float | None, digits: str = ".3g") -> str:
@@ -70,9 +69,7 @@ def collapse_cmd(
     samples: Annotated[int, typer.Option(help="random inputs to route without DATA")] = 64,
     batch_size: Annotated[int, typer.Option(help="images per forward")] = 64,
     image_size: Annotated[int | None, typer.Option(help="default: the checkpoint's probe size")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="base model of a checkpoint converted from custom code: package.module:factory")
-    ] = None,
+    model: BaseModelName = None,
     timing: Annotated[bool, typer.Option("--timing/--no-timing", help="time each layer at batch 1")] = True,
     force: Annotated[bool, typer.Option("--force", help="overwrite OUTPUT")] = False,
     as_json: Json = False,
@@ -101,7 +98,7 @@ def collapse_cmd(
     check_output(output, force, "--output")
     with steps(not as_json) as progress:
         task = progress.add_task("loading the checkpoint")
-        net = load_checkpoint(checkpoint, model=build_model(model) if model else None)
+        net = load_checkpoint(checkpoint, model=base_model(model))
         size = image_size or int(dynconv_input_size(net))
         if data is not None:
             dataset, _ = analysis_dataset(data, size, limit)

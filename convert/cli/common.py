@@ -18,8 +18,10 @@ import click
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from torch import nn
 
 from ..errors import DynconvError, OutputPathError, UserError, WorkFailedError, check_output_path, first_line
+from ..models import build_model
 from ..verify import REL_TOL_TEXT, Comparison
 
 out = Console()
@@ -36,6 +38,11 @@ app = typer.Typer(
 #: The ``--debug`` and ``--json`` options, the same on every command.
 Debug = Annotated[bool, typer.Option("--debug", help="show the traceback of an error")]
 Json = Annotated[bool, typer.Option("--json", help="print a machine-readable result")]
+#: ``--model``, the same on every command that loads a checkpoint (see :func:`base_model`).
+BaseModelName = Annotated[
+    str | None,
+    typer.Option("--model", help="base model of a checkpoint converted from custom code: package.module:factory"),
+]
 
 
 class UsageError(UserError):
@@ -85,6 +92,11 @@ def command(name: str) -> Callable[[F], F]:
         return fn
 
     return register
+
+
+def base_model(name: str | None) -> nn.Module | None:
+    """The base module ``--model`` names, for :func:`convert.load_checkpoint`; ``None``: the checkpoint names it."""
+    return build_model(name) if name else None
 
 
 def tolerance_error(check: Comparison, what: str, consequence: str) -> ToleranceError:

@@ -17,6 +17,7 @@ from .. import catalog
 from ..checkpoint import save_checkpoint
 from ..converter import ConversionWarningCategory, convert_model
 from ..models import build_model, resolve_source
+from ..options import help_text
 from ..recipe import Recipe, check_kind_options, load_recipe
 from ..sharing import SHARE_MODES
 from ..verify import compare
@@ -43,8 +44,8 @@ def convert_cmd(
             help="torchvision or timm name, or package.module:factory (optional when the recipe names a model)"
         ),
     ] = None,
-    experts: Annotated[int | None, typer.Option("--experts", "-k", help="experts per layer (default 4)")] = None,
-    kind: Annotated[str | None, typer.Option(help="a kind listed by dynconv kinds (default condconv)")] = None,
+    experts: Annotated[int | None, typer.Option("--experts", "-k", help=help_text("experts"))] = None,
+    kind: Annotated[str | None, typer.Option(help=help_text("kind"))] = None,
     recipe: Annotated[str | None, typer.Option(help="YAML recipe file, or a shipped recipe name")] = None,
     include: Annotated[list[str] | None, typer.Option(help="convert only convs matching (glob or re:regex)")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="leave convs matching alone")] = None,
@@ -56,12 +57,10 @@ def convert_cmd(
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="checkpoint to write")] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing output")] = False,
-    seed: Annotated[int | None, typer.Option(help="seed for the experts' noise (default 0)")] = None,
-    noise: Annotated[float | None, typer.Option(help="relative noise between experts (default 0.1)")] = None,
+    seed: Annotated[int | None, typer.Option(help=help_text("seed"))] = None,
+    noise: Annotated[float | None, typer.Option(help=help_text("noise"))] = None,
     input_size: Annotated[int | None, typer.Option(help="probe/verification image size (default: the model's)")] = None,
-    share_routing: Annotated[
-        str | None, typer.Option(help="none | block: one router per block, fed by the block's input (default none)")
-    ] = None,
+    share_routing: Annotated[str | None, typer.Option(help=help_text("share_routing"))] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show the plan, write nothing")] = False,
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="skip comparing converted and original outputs")

@@ -10,9 +10,8 @@ import typer
 
 from ..checkpoint import load_checkpoint, read_metadata
 from ..export import export_onnx
-from ..models import build_model
 from . import render_files
-from .common import Debug, Json, UsageError, check_output, command, out, step, steps
+from .common import BaseModelName, Debug, Json, UsageError, base_model, check_output, command, out, step, steps
 
 
 @command("export")
@@ -29,9 +28,7 @@ def export_cmd(
         list[int] | None,
         typer.Option("--batch", help="batch sizes to check a dynamic graph at in onnxruntime (default 1 and 3)"),
     ] = None,
-    model: Annotated[
-        str | None, typer.Option(help="base model of a checkpoint converted from custom code: package.module:factory")
-    ] = None,
+    model: BaseModelName = None,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default: torch.onnx's)")] = None,
     force: Annotated[bool, typer.Option("--force", help="overwrite an existing output")] = False,
     as_json: Json = False,
@@ -56,7 +53,7 @@ def export_cmd(
 
     shape = plan()
     with steps(not as_json) as progress:
-        base = build_model(model) if model else None
+        base = base_model(model)
         loaded = step(progress, f"loading {checkpoint}", lambda: load_checkpoint(checkpoint, model=base))
         result = step(
             progress,

@@ -18,9 +18,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..finetune.config import TrainConfig, default, help_text
-from ..models import build_model
 from . import render
-from .common import Debug, UsageError, check_output, command, err, out
+from .common import BaseModelName, Debug, UsageError, base_model, check_output, command, err, out
 
 
 def _o(name: str, *flags: str) -> Any:
@@ -67,10 +66,7 @@ def finetune_cmd(
         int | None,
         typer.Option("--num-classes", help="a new classifier head for DATA's N classes (if the model has another)"),
     ] = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help="base model of a checkpoint converted from custom code: package.module:factory"),
-    ] = None,
+    model: BaseModelName = None,
     log_every: Annotated[float, typer.Option(help="seconds between progress lines when not on a terminal")] = 30.0,
     resume: Annotated[
         bool, typer.Option("--resume", help="continue OUTPUT's own run from its last save point")
@@ -123,7 +119,7 @@ def finetune_cmd(
         workers=workers,
     )
     resume_command = _resume_command(ctx, checkpoint, data, target)
-    base = build_model(model) if model else None
+    base = base_model(model)
     rank = int(os.environ.get("RANK", "0"))
     show = _Display(epochs, log_every, rank)
     saved: list[tuple[Path, int, int]] = []  # the last save point: sidecar, epochs done, steps into the next

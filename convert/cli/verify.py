@@ -12,20 +12,18 @@ import typer
 from ..checkpoint import load_checkpoint, read_metadata
 from ..errors import WorkFailedError
 from ..heads import copy_head, replace_head
-from ..models import ModelSource, build_model
+from ..models import ModelSource
 from ..verify import compare, output
 from ..weights import load_weights
 from . import render_files
-from .common import Debug, Json, UsageError, command, out, tolerance_error
+from .common import BaseModelName, Debug, Json, UsageError, base_model, command, out, tolerance_error
 
 
 @command("verify")
 def verify_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="a dynconv .safetensors checkpoint")],
     weights: Annotated[Path | None, typer.Option(help="original weights: also compare with the original model")] = None,
-    model: Annotated[
-        str | None, typer.Option(help="base model of a checkpoint converted from custom code: package.module:factory")
-    ] = None,
+    model: BaseModelName = None,
     input_size: Annotated[int | None, typer.Option(help="image size (default: the recorded probe size)")] = None,
     as_json: Json = False,
     debug: Debug = False,
@@ -34,7 +32,7 @@ def verify_cmd(
     if weights is not None and not weights.is_file():
         raise UsageError(f"weights file {weights} does not exist")
     meta = read_metadata(checkpoint)
-    base = build_model(model) if model else None
+    base = base_model(model)
     loaded = load_checkpoint(checkpoint, model=base)
     channels, height, width = meta["input_shape"]
     if input_size is not None:

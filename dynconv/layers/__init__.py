@@ -18,7 +18,7 @@ from .dcd import DCDConv2d
 from .odconv import ODConv2d
 
 # isort: on
-from .registry import LAYERS, layer_class, register
+from .registry import LAYERS, canonical_kind, layer_class, register
 from .spec import Bounds, KindInfo, OptionSpec
 
 for _module in pkgutil.iter_modules(__path__):  # any other kind module: registered by importing it
@@ -35,6 +35,7 @@ __all__ = [
     "KindInfo",
     "ODConv2d",
     "OptionSpec",
+    "canonical_kind",
     "layer_class",
     "register",
 ]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core.kernels import add_bias, mix_bias
-from ..experts import DEFAULT_NOISE, upcycle
+from ..experts import DEFAULT_EXPERTS, DEFAULT_NOISE, upcycle
 from ..functional import STRATEGIES, dynamic_conv2d
 from ..geometry import ConvGeometry, IntPair, Padding, as_pair, tf_same_padding
 from ..routing import Router
@@ -63,6 +63,13 @@ class DynamicConv2d(nn.Module):
     info: ClassVar[KindInfo]
     #: Whether the kind has a bank of ``experts`` kernels (``experts`` is one of its options).
     has_experts: ClassVar[bool] = True
+    #: Why this kind cannot use a routing computed by another conv of its block (:mod:`dynconv.shared_routing`), or
+    #: ``None``: its experts are mixed with one weight per expert and sample (``[B, K]``), which such a conv can use.
+    #: A kind whose ``forward`` does not get its routing from :meth:`route` must say why here.
+    routing_unshareable: ClassVar[str | None] = None
+    #: This layer's place in its block's shared routing; set with ``routing_share`` by
+    #: :func:`dynconv.shared_routing.share_routing` (0: it computes the routing, or it shares none).
+    routing_position: int = 0
     #: ``(start, end)`` of the router temperature annealed during fine-tuning, or ``None``: keep it.
     temperature_annealing: ClassVar[tuple[float, float] | None] = None
     #: The routers' learning-rate multiplier per optimizer family in :func:`dynconv.parameter_groups`. 1 for every
@@ -82,7 +89,7 @@ class DynamicConv2d(nn.Module):
         bias: bool = True,
         padding_mode: str = "zeros",
         *,
-        experts: int = 4,
+        experts: int = DEFAULT_EXPERTS,
         standardize: WeightStandardization | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -232,7 +239,7 @@ class DynamicConv2d(nn.Module):
     def from_conv(
         cls,
         conv: nn.Conv2d,
-        experts: int = 4,
+        experts: int = DEFAULT_EXPERTS,
         *,
         noise: float = DEFAULT_NOISE,
         seed: int = 0,

@@ -192,6 +192,7 @@ class DCDConv2d(DynamicConv2d):
 
     kind = "dcd"
     has_experts = False
+    routing_unshareable = "computes its kernel its own way, not as one routing vector over its experts"
     info = KindInfo(
         title="DCD: dynamic convolution decomposition (Li et al., ICLR 2021)",
         formula="W(x) = Lambda(x) W0 + P Phi(x) Q^T: the static kernel scaled per output channel, plus a "

@@ -21,6 +21,9 @@ class DyNetConv2d(DynamicConv2d):
     """
 
     kind = "dynet"
+    routing_unshareable = (
+        "routes per output channel (coefficients for this conv's own output channels), which no other conv can use"
+    )
     info = KindInfo(
         title="DyNet (Zhang et al., 2020)",
         formula="W(x)[o] = sum_k pi_k,o(x) W_k[o]: per expert and per output channel",

@@ -24,7 +24,7 @@ from ..core.forms import Form, register_form
 from ..core.kernels import mix_bias, pointwise_conv
 from ..core.rules import odconv_path
 from ..core.scope import note_strategy
-from ..experts import DEFAULT_NOISE
+from ..experts import DEFAULT_EXPERTS, DEFAULT_NOISE
 from ..functional import dynamic_conv2d
 from ..geometry import ConvGeometry, Padding
 from ..routing import Router, global_pool
@@ -226,6 +226,7 @@ class ODConv2d(DynamicConv2d):
     """
 
     kind = "odconv"
+    routing_unshareable = "computes its kernel its own way, not as one routing vector over its experts"
     info = KindInfo(
         title="ODConv: omni-dimensional dynamic convolution (Li, Zhou, Yao, ICLR 2022)",
         formula="W(x) = sum_i a_w,i(x) a_f(x) a_c(x) a_s(x) W_i: kernel (softmax over n), output-channel, "
@@ -269,7 +270,7 @@ class ODConv2d(DynamicConv2d):
     def from_conv(
         cls,
         conv: nn.Conv2d,
-        experts: int = 4,
+        experts: int = DEFAULT_EXPERTS,
         *,
         noise: float = DEFAULT_NOISE,
         seed: int = 0,

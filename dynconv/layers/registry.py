@@ -27,9 +27,15 @@ def register(cls: L) -> L:
     return cls
 
 
+def canonical_kind(kind: str) -> str:
+    """The registered kind called ``kind``, in any case (``DyConv`` -> ``dyconv``); the one check of a kind name,
+    raising ``ValueError`` for a kind that is not registered."""
+    names = {name.lower(): name for name in LAYERS}
+    if not isinstance(kind, str) or kind.lower() not in names:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {', '.join(LAYERS)}")
+    return names[kind.lower()]
+
+
 def layer_class(kind: str) -> type[DynamicConv2d]:
     """The layer class for ``kind`` (``condconv``, ``dyconv``, ``dynet``, ``dcd``, ``odconv`` or a registered one)."""
-    try:
-        return LAYERS[kind]
-    except KeyError:
-        raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(LAYERS)}") from None
+    return LAYERS[canonical_kind(kind)]
