@@ -35,7 +35,9 @@ def trained_like(name: str) -> nn.Module:
 
 def converted(name: str, kind: str) -> nn.Module:
     """``name`` converted to ``kind`` with routers moved off zero, so routing depends on the input."""
-    model = convert.convert_model(trained_like(name), kind=kind, experts=4, input_size=64).model
+    model = convert.convert_model(
+        trained_like(name), kind=kind, **({} if kind == "dcd" else {"experts": 4}), input_size=64
+    ).model
     gen = torch.Generator().manual_seed(2)
     # DCD and ODConv routers scale or add to the whole kernel: logits of order one compound over
     # twenty layers (no BatchNorm renormalises in eval mode) into overflow, a tenth does not

@@ -184,10 +184,11 @@ def fixed_batch_form(layer: Any, batch: int) -> str | None:
     At batch 1, 1x1 kernels run as a MatMul with the mixed kernel and the rest as one
     Conv with it; at a larger batch every kernel runs with the batch folded into the
     conv's groups (output mixing for depthwise kernels and batched matmul for 1x1
-    ones measured slower there). ``None`` for a layer whose kind keeps its kernel static
-    (DCD, ODConv 1x): its own deployment form, not a pinned core form.
+    ones measured slower there). ``None`` at batch 1 for a layer whose kind keeps its kernel
+    static (DCD, ODConv 1x): its own deployment form, not a pinned core form (at batch 16 the
+    fold measured 2.40x static on MobileNetV2 DCD, the deployment form 3.06x).
     """
-    if layer.kind == "dcd" or (layer.kind == "odconv" and layer.experts == 1):
+    if batch == 1 and (layer.kind == "dcd" or (layer.kind == "odconv" and layer.experts == 1)):
         return None  # their own deployment forms keep the kernel static (dcd_keeps_kernel_static, odconv_path)
     if batch == 1:
         pointwise = runs_as_matmul(layer._geometry, layer.in_channels) and layer.padding_mode == "zeros"
@@ -264,10 +265,11 @@ def dcd_forms_whole_kernel(input_shape: Sequence[int], weight_shape: Sequence[in
 
 def dcd_keeps_kernel_static() -> bool:
     """Whether DCD traces its deployment form (``W0`` a constant conv, ``Lambda`` and ``P Phi Q`` on the
-    maps) rather than a per-sample kernel: in every export (ONNX, torch.export), for every shape.
+    maps) rather than a per-sample kernel: in every export (ONNX, torch.export) that does not pin a
+    core form (a fixed batch above 1 pins the fold, :func:`fixed_batch_form`), for every shape.
 
     A constant ``W0`` is what a runtime pre-packs; measured in ONNX Runtime at batch 1 (MobileNetV2,
-    CPU time, benchmarks/results/deploy.md) the form on every layer costs 2.37x static, against 2.72x
+    1 thread, CPU time) the form on every layer costs 2.37x static, against 2.72x
     with per-sample kernels on the depthwise and large-map 1x1 layers. Eager keeps its own choice:
     ``W0`` static on k x k and small-map 1x1 convs (the core's output form), per-sample kernels where
     :func:`dcd_forms_whole_kernel` measured them cheaper in PyTorch.
