@@ -305,7 +305,7 @@ def report(rows: list, ratios: dict, floors: list, profiles: dict, env: str) -> 
     lines += ["", "## Floor", "", "Weights of the converted layers a batch-1 image reads, the MACs added, and the"]
     lines += ["floor: (static ORT batch 1 + the kind's unavoidable extra work timed alone, `deploy_floor.py`)"]
     lines += ["/ static, beside the measured ORT fixed batch-1 ratio. The extra work is timed in eager PyTorch, op by"]
-    lines += ["op: where that costs more than the whole ORT graph (a loaded machine, small ops), the floor is no floor.", ""]
+    lines += ["op: where that costs more than the whole ORT graph (a loaded machine, small ops), it is no floor.", ""]
     lines += ["| model | kind | static MB | converted MB | MACs | extra ms | floor | ORT fixed 1 |"]
     lines += ["|---|---|---|---|---|---|---|---|"]
     for name, kind, smb, cmb, macs, base, extra in floors:
