@@ -2,14 +2,17 @@
 
 Run by hand on a quiet machine (timings never gate tests):
 
-    python benchmarks/deploy.py                 # writes results/deploy.md
+    python benchmarks/deploy.py                 # every kind, every path: writes results/deploy.md
     python benchmarks/deploy.py --quick         # mobilenet_v2 only, fewer rounds, prints only
 
-For every model the static and the converted model (CondConv K=4, default selection;
-``--kinds`` adds DyConv and DyNet rows) are timed in the same interleaved rounds on
-each path, and each ratio compares the converted model with the static one on the same
-path. The best static path (eager, channels_last, compiled, ONNX Runtime) is listed
-too, and the floor: the experts' bytes a batch-1 image reads and the MACs.
+For every model the static and the converted model (each kind of ``--kinds``: CondConv,
+DyConv, DyNet and ODConv with K=4, DCD, ODConv 1x; default selection) are timed in the
+same interleaved rounds on each path, and each ratio compares the converted model with
+the static one on the same path. DCD and ODConv 1x are also timed, at ORT fixed batch,
+as they exported before their deployment forms (every layer pinned to a per-sample
+kernel), and profiled per op type both ways. For every model and kind the floor is the
+static ORT batch-1 time plus the kind's unavoidable extra work timed alone
+(``deploy_floor.py``): every ratio is read against it.
 """
 
 from __future__ import annotations
@@ -26,20 +29,41 @@ import onnxruntime as ort
 import torch
 import torchvision
 from core import time_rounds
+from deploy_floor import extra_ms
 from torch import nn
 
 import convert
+import dynconv
 from convert.verify import signal_preserving_init
+from dynconv.core.rules import runs_as_matmul
 
 SIZE = 224
 RESULTS = Path(__file__).parent / "results"
-TARGETS = {  # (path, batch) -> {model: target ratio converted / static}
-    ("ort fixed", 1): {"mobilenet_v2": 1.5, "efficientnet_b0": 1.5, "resnet18": 1.8},
-    ("ort dynamic", 16): {"mobilenet_v2": 2.5, "efficientnet_b0": 2.5, "resnet18": 2.5},
-    ("compiled", 1): {"mobilenet_v2": 1.3, "efficientnet_b0": 1.3},
-    ("compiled", 16): {"mobilenet_v2": 1.6, "efficientnet_b0": 1.6},
-    ("eager", 16): {"resnet18": 1.5},
+MIXING = ("condconv", "dyconv", "dynet", "odconv4")
+#: label -> convert_model options; ODConv with one expert ("ODConv 1x") and with four.
+KINDS = {
+    "condconv": {"kind": "condconv", "experts": 4},
+    "dyconv": {"kind": "dyconv", "experts": 4},
+    "dynet": {"kind": "dynet", "experts": 4},
+    "odconv4": {"kind": "odconv", "experts": 4},
+    "dcd": {"kind": "dcd"},
+    "odconv1": {"kind": "odconv", "experts": 1},
 }
+MODELS = ("resnet18", "mobilenet_v2", "efficientnet_b0")
+TARGETS = {  # (path, batch) -> {(model, kind): target ratio converted / static}
+    ("ort fixed", 1): {
+        **{(m, k): t for m, t in (("mobilenet_v2", 1.5), ("efficientnet_b0", 1.5), ("resnet18", 1.8)) for k in MIXING},
+        **{(m, "dcd"): 1.25 for m in MODELS},
+        **{(m, "odconv1"): 1.4 for m in MODELS},
+    },
+    ("ort dynamic", 16): {(m, k): 2.5 for m in MODELS for k in MIXING},
+    ("compiled", 1): {(m, k): 1.3 for m in ("mobilenet_v2", "efficientnet_b0") for k in MIXING},
+    ("compiled", 16): {(m, k): 1.6 for m in ("mobilenet_v2", "efficientnet_b0") for k in MIXING},
+    ("eager", 1): {(m, "dcd"): 1.2 for m in MODELS},
+    ("eager", 16): {("resnet18", k): 1.5 for k in MIXING} | {(m, "dcd"): 1.2 for m in MODELS},
+}
+#: Kinds with a deployment form that keeps the static kernel static: also timed as exported before it.
+DEPLOY_FORMS = ("dcd", "odconv1")
 
 
 def session(path: Path, profile: str | None = None) -> ort.InferenceSession:
@@ -79,31 +103,51 @@ def static_onnx(model: nn.Module, path: Path, batch: int | None) -> None:
     program.save(path)
 
 
-def ort_path(
-    static: nn.Module, converted: nn.Module, folder: Path, batch: int, dynamic: bool, rounds: int, profile: bool
-):
-    """``(static ms, converted ms, forms, profiles)`` in ONNX Runtime at ``batch``, exported fixed or dynamic.
+@contextlib.contextmanager
+def per_sample_kernels(model: nn.Module, batch: int):
+    """Pin every dynamic layer to the per-sample-kernel form exports used before the deployment forms."""
+    layers = [m for m in model.modules() if isinstance(m, dynconv.DynamicConv2d)]
+    for layer in layers:
+        pointwise = runs_as_matmul(layer._geometry, layer.in_channels) and layer.padding_mode == "zeros"
+        layer.strategy = ("matmul" if pointwise else "single") if batch == 1 else "grouped"
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.strategy = None
 
-    With ``profile``, ``profiles`` is ``(static, converted)`` ms per op type from ORT's profiler; else None.
+
+def ort_path(
+    static: nn.Module,
+    converted: nn.Module,
+    folder: Path,
+    batch: int,
+    dynamic: bool,
+    rounds: int,
+    before: bool,
+    profile: bool,
+):
+    """``(ms, forms, profiles)`` in ONNX Runtime at ``batch``, exported fixed or dynamic.
+
+    ``ms`` has ``static`` and ``converted`` and, with ``before`` (a fixed batch), ``before``: the
+    converted model pinned to per-sample kernels. With ``profile``, ``profiles`` maps the same
+    names to ms per op type from ORT's profiler; else None.
     """
     exported = None if dynamic else batch
     tag = f"{'dyn' if dynamic else 'fix'}{batch}"
-    static_onnx(static, folder / f"static-{tag}.onnx", exported)
-    result = convert.export_onnx(
-        converted,
-        folder / f"conv-{tag}.onnx",
-        batch=exported,
-        input_shape=(3, SIZE, SIZE),
-        fold_bn=True,
-        overwrite=True,
-    )
-    a, b = session(folder / f"static-{tag}.onnx"), session(folder / f"conv-{tag}.onnx")
+    files = {"static": folder / f"static-{tag}.onnx", "converted": folder / f"conv-{tag}.onnx"}
+    static_onnx(static, files["static"], exported)
+    options = {"batch": exported, "input_shape": (3, SIZE, SIZE), "fold_bn": True, "overwrite": True}
+    result = convert.export_onnx(converted, files["converted"], **options)
+    if before and not dynamic:
+        files["before"] = folder / f"before-{tag}.onnx"
+        with per_sample_kernels(converted, batch):
+            convert.export_onnx(converted, files["before"], **options)
+    sessions = {name: session(path) for name, path in files.items()}
     feed = {"input": torch.randn(batch, 3, SIZE, SIZE).numpy()}
-    ms = time_rounds({"static": lambda: a.run(None, feed), "converted": lambda: b.run(None, feed)}, rounds, 0.4)
-    profiles = None
-    if profile:
-        profiles = (op_profile(folder / f"static-{tag}.onnx", feed), op_profile(folder / f"conv-{tag}.onnx", feed))
-    return ms["static"], ms["converted"], result.strategies, profiles
+    ms = time_rounds({name: (lambda s=s: s.run(None, feed)) for name, s in sessions.items()}, rounds, 0.4)
+    profiles = {name: op_profile(path, feed) for name, path in files.items()} if profile else None
+    return ms, result.strategies, profiles
 
 
 def compiled_path(static: nn.Module, converted: nn.Module, batches: tuple[int, ...], rounds: int):
@@ -154,21 +198,22 @@ def floor(result: convert.ConversionResult) -> tuple[float, float, float]:
     return static_mb, converted_mb, result.totals["macs_increase"]
 
 
-def profile_lines(profiles: dict[str, tuple[dict[str, float], dict[str, float]]]) -> list[str]:
-    """Markdown: per model, ms per op type at batch 1 (ORT fixed batch), static beside CondConv."""
-    if not profiles:
-        return []
-    lines = ["", "## Where the time goes: ONNX Runtime, fixed batch 1, CondConv", ""]
+def profile_lines(profiles: dict[tuple[str, str], dict[str, dict[str, float]]]) -> list[str]:
+    """Markdown: per model and kind, ms per op type at batch 1 (ORT fixed batch), static beside the converted
+    model (and, for the kinds with a deployment form, beside it as exported before)."""
+    lines = ["", "## Where the time goes: ONNX Runtime, fixed batch 1, per op type", ""]
     lines += ["ORT's profiler, ms per image per op type after ORT's own fusions (static: Conv+BN+ReLU fused,"]
-    lines += ["weights pre-packed; converted: BatchNorm folded into the experts before export).", ""]
-    for name, (static, converted) in profiles.items():
-        lines += [f"**{name}**", "", "| op | static ms | converted ms | extra |", "|---|---|---|---|"]
-        ops = sorted(set(static) | set(converted), key=lambda op: -(converted.get(op, 0.0) - static.get(op, 0.0)))
+    lines += ["weights pre-packed; converted: BatchNorm folded before export; `before`: every dynamic layer"]
+    lines += ["pinned to a per-sample kernel, as exports were before the deployment forms).", ""]
+    for (name, kind), runs in profiles.items():
+        names = list(runs)
+        lines += [f"**{name}, {kind}**", "", f"| op | {' ms | '.join(names)} ms |", "|---" * (len(names) + 1) + "|"]
+        ops = sorted(set().union(*runs.values()), key=lambda op: -runs["converted"].get(op, 0.0))
         for op in ops:
-            a, b = static.get(op, 0.0), converted.get(op, 0.0)
-            if max(a, b) >= 0.05:
-                lines.append(f"| {op} | {a:.2f} | {b:.2f} | {b - a:+.2f} |")
-        lines.append(f"| total | {sum(static.values()):.2f} | {sum(converted.values()):.2f} | |")
+            values = [runs[n].get(op, 0.0) for n in names]
+            if max(values) >= 0.05:
+                lines.append(f"| {op} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+        lines.append("| total | " + " | ".join(f"{sum(runs[n].values()):.2f}" for n in names) + " |")
         lines.append("")
     return lines
 
@@ -192,7 +237,7 @@ def floor_report(kinds: list[str], rounds: int) -> None:
             feed = {"input": torch.randn(1, 3, SIZE, SIZE).numpy()}
             base = time_rounds({"static": lambda: sess.run(None, feed)}, rounds, 0.4)["static"]  # noqa: B023
         for kind in kinds:
-            result = convert.convert_model(static, kind=kind, experts=4)
+            result = convert.convert_model(static, **KINDS[kind])
             mix = mixing_ms(result.model.eval(), rounds)
             mb = floor(result)[1]
             lines.append(f"| {name} | {kind} | {mb:.1f} | {base:.2f} | {mix:.2f} | {(base + mix) / base:.2f}× |")
@@ -203,84 +248,147 @@ def floor_report(kinds: list[str], rounds: int) -> None:
     print(f"wrote {RESULTS / 'floor.md'}")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="mobilenet_v2 only, fewer rounds, print only")
-    parser.add_argument("--kinds", default="condconv", help="comma-separated kinds (default condconv)")
-    parser.add_argument("--compile-kinds", default="condconv", help="kinds also timed under torch.compile")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
-    parser.add_argument(
-        "--paths", default="ort,eager,compiled", help="paths to time; a subset writes results/deploy-<paths>.md"
-    )
-    parser.add_argument("--floor", action="store_true", help="only the batch-1 floor: writes results/floor.md")
-    args = parser.parse_args()
-    torch.set_num_threads(2)
-    if args.floor:
-        floor_report(args.kinds.split(","), args.rounds)
-        return
-    models = ("mobilenet_v2",) if args.quick else ("resnet18", "mobilenet_v2", "efficientnet_b0")
-    rounds = 3 if args.quick else args.rounds
-    started = time.perf_counter()
-    rows, ratios, floors, profiles = [], {}, [], {}
-    paths = args.paths.split(",")
-    every_path = set(paths) == {"ort", "eager", "compiled"}
-    for name in models:
-        torch.manual_seed(0)
-        static = signal_preserving_init(getattr(torchvision.models, name)()).eval()
-        for kind in args.kinds.split(","):
-            result = convert.convert_model(static, kind=kind, experts=4)
-            converted = result.model.eval()
-            floors.append((name, kind, *floor(result)))
-            with tempfile.TemporaryDirectory() as tmp:
-                for batch, dynamic in ((1, False), (16, False), (16, True)) if "ort" in paths else ():
-                    profile = batch == 1 and kind == "condconv"
-                    s, c, forms, prof = ort_path(static, converted, Path(tmp), batch, dynamic, rounds, profile)
-                    if prof is not None:
-                        profiles[name] = prof
-                    path = "ort dynamic" if dynamic else "ort fixed"
-                    rows.append(
-                        (name, kind, path, batch, s, c, ", ".join(f"{k} {v}" for k, v in sorted(forms.items())))
-                    )
-                    ratios[(path, batch, name, kind)] = c / s
-                    print(rows[-1], flush=True)
-            if "eager" in paths:
-                s, last, c = eager_path(static, converted, 16, rounds)
-                rows.append((name, kind, "eager", 16, s, c, f"static channels_last {last:.1f} ms"))
-                ratios[("eager", 16, name, kind)] = c / s
-                print(rows[-1], flush=True)
-            compile_this = "compiled" in paths and kind in args.compile_kinds.split(",")
-            if not args.no_compile and name != "resnet18" and compile_this:
-                for batch, (s, c) in compiled_path(static, converted, (1, 16), rounds).items():
-                    rows.append((name, kind, "compiled", batch, s, c, "dynamic=True, inductor"))
-                    ratios[("compiled", batch, name, kind)] = c / s
-                    print(rows[-1], flush=True)
-    minutes = (time.perf_counter() - started) / 60
-    env = (
-        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {platform.machine()}, 2 threads, {SIZE}x{SIZE}, "
-        f"K=4, static and converted timed in the same interleaved rounds (median of {rounds}); "
-        f"run took {minutes:.1f} min"
-    )
+def time_model(name: str, kind: str, paths: list[str], rounds: int, compile_kinds: list[str]):
+    """``(rows, ratios, floor row, profiles)`` of ``name`` converted to ``kind`` on every path of ``paths``."""
+    torch.manual_seed(0)
+    static = signal_preserving_init(getattr(torchvision.models, name)()).eval()
+    result = convert.convert_model(static, **KINDS[kind])
+    converted = result.model.eval()
+    rows, ratios, profiles, static_b1 = [], {}, {}, None
+
+    def add(path: str, batch: int, s: float, c: float, note: str) -> None:
+        rows.append((name, kind, path, batch, s, c, note))
+        ratios[(path, batch, name, kind)] = c / s
+        print(rows[-1], flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ort_runs = [(1, False)] if "ort" in paths or "ort1" in paths else []
+        ort_runs += [(16, False), (16, True)] if "ort" in paths or "ort16" in paths else []
+        for batch, dynamic in ort_runs:
+            before = kind in DEPLOY_FORMS and not dynamic
+            profile = batch == 1 and not dynamic and kind in (*DEPLOY_FORMS, "condconv")
+            ms, forms, prof = ort_path(static, converted, Path(tmp), batch, dynamic, rounds, before, profile)
+            note = ", ".join(f"{k} {v}" for k, v in sorted(forms.items()))
+            if "before" in ms:
+                note += f"; before: {ms['before']:.1f} ms, {ms['before'] / ms['static']:.2f}×"
+            add("ort dynamic" if dynamic else "ort fixed", batch, ms["static"], ms["converted"], note)
+            if prof is not None:
+                profiles[(name, kind)] = prof
+            if batch == 1 and not dynamic:
+                static_b1 = ms["static"]
+    for batch in (1, 16) if "eager" in paths else ():
+        s, last, c = eager_path(static, converted, batch, rounds)
+        add("eager", batch, s, c, f"static channels_last {last:.1f} ms")
+    if "compiled" in paths and kind in compile_kinds:
+        for batch, (s, c) in compiled_path(static, converted, (1, 16), rounds).items():
+            add("compiled", batch, s, c, "dynamic=True, inductor")
+    floor_row = None
+    if static_b1 is not None:  # the floor is read against the static ORT batch-1 time
+        floor_row = (name, kind, *floor(result), static_b1, extra_ms(converted, SIZE, rounds))
+    return rows, ratios, floor_row, profiles
+
+
+def report(rows: list, ratios: dict, floors: list, profiles: dict, env: str) -> str:
+    """The markdown of results/deploy.md."""
     lines = ["# Deployment paths: converted / static on the same path", "", env, "", "## Targets", ""]
     lines += ["| path | batch | model | kind | converted / static | target | met |", "|---|---|---|---|---|---|---|"]
     for (path, batch), targets in TARGETS.items():
-        for model, target in targets.items():
-            for (p, b, m, k), ratio in ratios.items():
-                if (p, b, m) == (path, batch, model):
-                    met = "yes" if ratio <= target else "NO"
-                    lines.append(f"| {path} | {batch} | {m} | {k} | {ratio:.2f}× | ≤ {target}× | {met} |")
+        for (model, kind), target in targets.items():
+            ratio = ratios.get((path, batch, model, kind))
+            if ratio is not None:
+                met = "yes" if ratio <= target else "NO"
+                lines.append(f"| {path} | {batch} | {model} | {kind} | {ratio:.2f}× | ≤ {target}× | {met} |")
     lines += ["", "## All paths", "", "| model | kind | path | batch | static ms | converted ms | ratio | note |"]
     lines += ["|---|---|---|---|---|---|---|---|"]
     for name, kind, path, batch, s, c, note in rows:
         lines.append(f"| {name} | {kind} | {path} | {batch} | {s:.1f} | {c:.1f} | {c / s:.2f}× | {note} |")
-    lines += ["", "## Floor", "", "Weights of the converted layers a batch-1 image reads, and the MACs added:", ""]
-    lines += ["| model | kind | static MB | converted MB (all experts) | MACs |", "|---|---|---|---|---|"]
-    for name, kind, smb, cmb, macs in floors:
-        lines.append(f"| {name} | {kind} | {smb:.1f} | {cmb:.1f} | {100 * macs:+.1f}% |")
-    lines += profile_lines(profiles)
-    text = "\n".join(lines) + "\n"
+    lines += ["", "## Floor", "", "Weights of the converted layers a batch-1 image reads, the MACs added, and the"]
+    lines += ["floor: (static ORT batch 1 + the kind's unavoidable extra work timed alone, `deploy_floor.py`)"]
+    lines += ["/ static, beside the measured ORT fixed batch-1 ratio. The extra work is timed in eager PyTorch, op by"]
+    lines += ["op: where that costs more than the whole ORT graph (a loaded machine, small ops), it is no floor.", ""]
+    lines += ["| model | kind | static MB | converted MB | MACs | extra ms | floor | ORT fixed 1 |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for name, kind, smb, cmb, macs, base, extra in floors:
+        floor_text = "" if base is None else f"{(base + extra) / base:.2f}×"
+        measured = ratios.get(("ort fixed", 1, name, kind))
+        measured_text = "" if measured is None else f"{measured:.2f}×"
+        lines.append(
+            f"| {name} | {kind} | {smb:.1f} | {cmb:.1f} | {100 * macs:+.1f}% | {extra:.2f} | {floor_text} "
+            f"| {measured_text} |"
+        )
+    lines += profile_lines(profiles) if profiles else []
+    return "\n".join(lines) + "\n"
+
+
+def combine(files: list[Path]) -> None:
+    """results/deploy.md from the JSON of several runs (``--output``), in the order given."""
+    rows, ratios, floors, profiles, envs = [], {}, [], {}, []
+    for file in files:
+        runs = json.loads(file.read_text())
+        rows += [tuple(r) for r in runs["rows"]]
+        floors += [tuple(f) for f in runs["floors"]]
+        for key, value in runs["ratios"].items():
+            path, batch, model, kind = key.split("|")
+            ratios[(path, int(batch), model, kind)] = value
+        profiles |= {tuple(k.split("|")): v for k, v in runs["profiles"].items()}
+        envs.append(runs["env"])
+    text = report(rows, ratios, floors, profiles, "; ".join(envs))
+    (RESULTS / "deploy.md").write_text(text)
+    print(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="mobilenet_v2 only, fewer rounds, print only")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision models")
+    parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated, of {', '.join(KINDS)}")
+    parser.add_argument("--compile-kinds", default=",".join(KINDS), help="kinds also timed under torch.compile")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to compile)")
+    parser.add_argument(
+        "--paths",
+        default="ort,eager,compiled",
+        help="paths to time (ort1, ort16: ORT at batch 1 or 16 only); a subset writes results/deploy-<paths>.md",
+    )
+    parser.add_argument("--floor", action="store_true", help="only the batch-1 floor of mixing: writes floor.md")
+    parser.add_argument("--output", help="write the measurements here as JSON (for --combine), not the report")
+    parser.add_argument("--combine", nargs="+", help="JSON files of runs: write results/deploy.md from them")
+    args = parser.parse_args()
+    if args.combine:
+        combine([Path(f) for f in args.combine])
+        return
+    torch.set_num_threads(2)
+    if args.floor:
+        floor_report(args.kinds.split(","), args.rounds)
+        return
+    models = ("mobilenet_v2",) if args.quick else tuple(args.models.split(","))
+    rounds = 3 if args.quick else args.rounds
+    paths = [p for p in args.paths.split(",") if not (p == "compiled" and args.no_compile)]
+    started = time.perf_counter()
+    rows, ratios, floors, profiles = [], {}, [], {}
+    for name in models:
+        for kind in args.kinds.split(","):
+            r, q, f, prof = time_model(name, kind, paths, rounds, args.compile_kinds.split(","))
+            rows += r
+            ratios |= q
+            floors += [f] if f is not None else []
+            profiles |= prof
+    minutes = (time.perf_counter() - started) / 60
+    env = (
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {platform.machine()}, 2 threads, {SIZE}x{SIZE}, "
+        f"K=4 (ODConv also 1), static and converted timed in the same interleaved rounds (median of {rounds}); "
+        f"run took {minutes:.1f} min"
+    )
+    if args.output:  # JSON keys are strings: tuples joined by "|"
+        runs = {"env": env, "rows": rows, "floors": floors}
+        runs["ratios"] = {"|".join(map(str, k)): v for k, v in ratios.items()}
+        runs["profiles"] = {"|".join(k): v for k, v in profiles.items()}
+        Path(args.output).write_text(json.dumps(runs))
+        return
+    text = report(rows, ratios, floors, profiles, env)
     print(text)
     if not args.quick:
+        every_path = set(paths) == {"ort", "eager", "compiled"}
         out = RESULTS / ("deploy.md" if every_path else f"deploy-{'-'.join(paths)}.md")
         out.write_text(text)
         print(f"wrote {out}")

@@ -177,15 +177,19 @@ FOLD_MAX_CHUNK_GRAD = 16
 # --- graphs of one fixed batch size (ONNX export with --batch-size N) -----------------------
 
 
-def fixed_batch_form(layer: Any, batch: int) -> str:
+def fixed_batch_form(layer: Any, batch: int) -> str | None:
     """The form for a graph of one batch size, the fastest measured in ONNX Runtime (benchmarks/deploy.py).
 
     ``layer`` is a dynamic layer (``in_channels``, ``groups``, ``padding_mode``, its geometry).
     At batch 1, 1x1 kernels run as a MatMul with the mixed kernel and the rest as one
     Conv with it; at a larger batch every kernel runs with the batch folded into the
     conv's groups (output mixing for depthwise kernels and batched matmul for 1x1
-    ones measured slower there).
+    ones measured slower there). ``None`` at batch 1 for a layer whose kind keeps its kernel
+    static (DCD, ODConv 1x): its own deployment form, not a pinned core form (at batch 16 the
+    fold measured 2.40x static on MobileNetV2 DCD, the deployment form 3.06x).
     """
+    if batch == 1 and (layer.kind == "dcd" or (layer.kind == "odconv" and layer.experts == 1)):
+        return None  # their own deployment forms keep the kernel static (dcd_keeps_kernel_static, odconv_path)
     if batch == 1:
         pointwise = runs_as_matmul(layer._geometry, layer.in_channels) and layer.padding_mode == "zeros"
         return "matmul" if pointwise else "single"
@@ -223,11 +227,15 @@ def odconv_path(
     maps cost fewer multiplications than the kernel (``C_in H W + C_out H' W'`` against
     ``C_out C_in/g kH kW`` and its per-sample copy; benchmarks/results/layers.md: on 56x56 and
     larger maps two passes over the maps cost more than the per-sample kernels they save).
-    Depthwise kernels (one input channel per group) are always the smaller.
+    Depthwise kernels (one input channel per group) are always the smaller. In an export ODConv 1x
+    always takes the maps: its kernel stays a constant (scaled by the tap attention only where it has
+    taps), which a runtime pre-packs.
     """
     if strategy is not None:
         return "core"
     experts, c_out, per_group, kh, kw = weight_shape
+    if experts == 1 and torch.compiler.is_exporting():
+        return "maps"
     h_out, w_out = geom.output_size(input_shape[-2], input_shape[-1])
     if experts == 1 and geom.groups == 1 and has_taps and h_out * w_out <= RESCALED_MAX_PIXELS:
         return "rescaled"
@@ -253,3 +261,17 @@ def dcd_forms_whole_kernel(input_shape: Sequence[int], weight_shape: Sequence[in
         return False
     h_out, w_out = geom.output_size(input_shape[-2], input_shape[-1])
     return per_group * c_out <= 2 * h_out * w_out * (input_shape[1] + c_out)
+
+
+def dcd_keeps_kernel_static() -> bool:
+    """Whether DCD traces its deployment form (``W0`` a constant conv, ``Lambda`` and ``P Phi Q`` on the
+    maps) rather than a per-sample kernel: in every export (ONNX, torch.export) that does not pin a
+    core form (a fixed batch above 1 pins the fold, :func:`fixed_batch_form`), for every shape.
+
+    A constant ``W0`` is what a runtime pre-packs; measured in ONNX Runtime at batch 1 (MobileNetV2,
+    1 thread, CPU time) the form on every layer costs 2.37x static, against 2.72x
+    with per-sample kernels on the depthwise and large-map 1x1 layers. Eager keeps its own choice:
+    ``W0`` static on k x k and small-map 1x1 convs (the core's output form), per-sample kernels where
+    :func:`dcd_forms_whole_kernel` measured them cheaper in PyTorch.
+    """
+    return torch.compiler.is_exporting()

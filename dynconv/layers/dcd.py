@@ -20,7 +20,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from ..core.rules import dcd_forms_whole_kernel
+from ..core.forms import Form, register_form
+from ..core.kernels import plain_conv
+from ..core.rules import dcd_forms_whole_kernel, dcd_keeps_kernel_static
+from ..core.scope import allowed_strategies, note_strategy
 from ..experts import DEFAULT_NOISE
 from ..functional import dynamic_conv2d
 from ..geometry import ConvGeometry, Padding
@@ -29,6 +32,11 @@ from ..standardization import WeightStandardization
 from .base import TF_SAME, DynamicConv2d
 from .registry import register
 from .spec import Bounds, KindInfo
+
+# DCD's own form: the static kernel stays a constant conv, the dynamic parts act on the maps.
+DECOMPOSED = register_form(
+    Form("decomposed", None, per_sample_kernels=False, batch_agnostic=True, takes_terms=False, kind="dcd")
+)
 
 
 def default_latent(channels_per_group: int) -> int:
@@ -157,6 +165,55 @@ def decomposed_conv2d(
     return add_low_rank(out, centre_taps(x, geom.pad, geom), q, phi, p, bias, geom.groups)
 
 
+def window_centres(x: Tensor, geom: ConvGeometry) -> Tensor:
+    """:func:`centre_taps` for ``x`` padded by ``geom.pad``; where the centres are every
+    ``stride``-th pixel from the corner (odd kernels, the usual symmetric padding) a strided
+    view, ``x`` itself at stride 1."""
+    if centres_on_grid(x, geom):
+        return x if geom.stride == (1, 1) else x[:, :, :: geom.stride[0], :: geom.stride[1]]
+    return centre_taps(x, geom.pad, geom)
+
+
+def centres_on_grid(x: Tensor, geom: ConvGeometry) -> bool:
+    """Whether the conv's window centres are exactly the pixels a strided 1x1 conv on ``x`` reads."""
+    start_h = geom.dilation[0] * ((geom.kernel[0] - 1) // 2) - geom.pad[2]
+    start_w = geom.dilation[1] * ((geom.kernel[1] - 1) // 2) - geom.pad[0]
+    strided = ConvGeometry((1, 1), geom.stride, (1, 1), (0, 0, 0, 0), geom.groups)
+    return (start_h, start_w) == (0, 0) and strided.output_size(*x.shape[-2:]) == geom.output_size(*x.shape[-2:])
+
+
+def centre_conv(x: Tensor, kernel: Tensor, geom: ConvGeometry) -> Tensor:
+    """A 1x1 conv of ``kernel`` (``[C, C_in/g, 1, 1]``) on the centres of the conv's windows:
+    strided on ``x`` where they lie on its grid (no copy), else on the centres sliced out."""
+    if centres_on_grid(x, geom):
+        return F.conv2d(x, kernel, None, geom.stride, 0, 1, geom.groups)
+    return F.conv2d(centre_taps(x, geom.pad, geom), kernel, None, 1, 0, 1, geom.groups)
+
+
+def static_decomposed_conv2d(
+    x: Tensor, weight: Tensor, scale: Tensor, phi: Tensor, q: Tensor, p: Tensor, bias: Tensor | None, geom: ConvGeometry
+) -> Tensor:
+    """``Lambda * conv(x, W0) + P (Phi (Q centres)) + bias`` with every kernel a constant: the deployment form.
+
+    ``conv(x, W0)`` is the original conv (a runtime pre-packs its constant weight), ``Q`` a
+    thin 1x1 conv on the window centres and ``P`` a 1x1 conv carrying the bias; only
+    ``Lambda`` (a per-channel scale) and the ``L x L`` product ``Phi`` are per sample.
+    Depthwise (``L = 1``): ``P Phi Q`` is one per-channel scale of the centres.
+    """
+    groups, latent = geom.groups, phi.shape[-1]
+    out = plain_conv(x, weight[0], None, geom, groups) * scale[:, :, None, None].to(x.dtype)
+    c_out = weight.shape[1]
+    if latent == 1 and c_out == groups:  # one latent channel per output channel: scales only
+        low = (p.reshape(1, c_out) * phi.reshape(-1, c_out) * q.reshape(1, c_out))[:, :, None, None]
+        low = window_centres(x, geom) * low.to(x.dtype)
+        return low + out if bias is None else low + (out + bias[:, None, None].to(x.dtype))
+    z = centre_conv(x, q.reshape(groups * latent, -1, 1, 1), geom)
+    height, width = z.shape[-2:]
+    mixed = phi @ z.reshape(z.shape[0], groups, latent, height * width)  # [B, g, L, H'W']
+    mixed = mixed.reshape(z.shape[0], groups * latent, height, width)
+    return F.conv2d(mixed, p.reshape(c_out, latent, 1, 1), bias, 1, 0, 1, groups) + out
+
+
 def standardized_kernel(weight: Tensor, standardize: WeightStandardization, gain: Tensor | None) -> Tensor:
     """``gain * scale * (W - mean) / sqrt(var + eps)`` per output channel of ``[1, C_out, ...]``, as timm's
     ``StdConv2d`` (biased variance)."""
@@ -170,7 +227,7 @@ def standardized_kernel(weight: Tensor, standardize: WeightStandardization, gain
 
 
 # Leaf calls for torch.fx: they read shapes, which a symbolic trace cannot branch on.
-for _leaf in ("decomposed_conv2d", "standardized_kernel"):
+for _leaf in ("decomposed_conv2d", "static_decomposed_conv2d", "standardized_kernel"):
     torch.fx.wrap(_leaf)
 
 
@@ -311,6 +368,9 @@ class DCDConv2d(DynamicConv2d):
         by_hand = self.padding == TF_SAME or self.padding_mode != "zeros"  # then ``padded`` holds the padding
         geom = self._padded_geometry if by_hand else self._geometry
         bias = None if self.bias is None else self.bias[0]
+        if self.strategy is None and allowed_strategies() is None and dcd_keeps_kernel_static():
+            note_strategy(DECOMPOSED.name)
+            return static_decomposed_conv2d(padded, weight, scale, phi, self.q, self.p, bias, geom)
         return decomposed_conv2d(padded, weight, scale, phi, self.q, self.p, bias, geom, padding, self.strategy)
 
     def extra_repr(self) -> str:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core.forms import Form, register_form
-from ..core.kernels import mix_bias, pointwise_conv
+from ..core.kernels import mix_bias, plain_conv, pointwise_conv
 from ..core.rules import odconv_path
 from ..core.scope import note_strategy
 from ..experts import DEFAULT_EXPERTS, DEFAULT_NOISE
@@ -132,7 +132,10 @@ def omni_conv2d(
         x = x * channel[:, :, None, None].to(x.dtype)
         if weight.shape[0] == 1 and spatial is None:  # a 1x1 kernel shared by the batch
             note_strategy(STATIC.name)
-            out = pointwise_conv(x, weight[0].flatten(1), None, geom)
+            if torch.compiler.is_exporting():  # a Conv with a constant weight, which a runtime pre-packs
+                out = plain_conv(x, weight[0], None, geom, geom.groups)
+            else:
+                out = pointwise_conv(x, weight[0].flatten(1), None, geom)
         else:
             taps = () if spatial is None else (spatial.reshape(-1, 1, 1, weight.shape[3], weight.shape[4]),)
             out = dynamic_conv2d(x, weight, kernel, None, *conv_args, modulation=taps)
