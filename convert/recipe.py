@@ -88,6 +88,8 @@ def _refuse_foreign(options: dict[str, Any], kinds: set[str], where: str, error:
     for option in options:
         if option in _SHARED_OPTIONS or any(option in kind_options(k) for k in kinds):
             continue
+        if option == "experts" and options[option] == 1 and not any(LAYERS[k].has_experts for k in kinds):
+            continue  # one expert is what a kind without a bank has: nothing is ignored
         takes = "; ".join(f"{k} takes {', '.join(kind_options(k)) or 'no option of its own'}" for k in sorted(kinds))
         reason = " (it has no experts)" if option == "experts" and len(kinds) == 1 else ""
         named = " or ".join(sorted(kinds))

@@ -1,7 +1,7 @@
 """Routing that learns: fine-tuning a freshly converted model makes its routing depend on the input.
 
 At conversion the experts differ only by the zero-sum noise and a softmax router's gradient
-is proportional to it; with the defaults (noise 0.1, routers at 30x the learning rate under
+is proportional to it; with the defaults (noise 0.1, softmax routers at 30x the learning rate under
 SGD) a few dozen steps on real digits move the routing measurably off uniform (``dynconv
 analyze``'s entropy falls, its between-class ratio rises), where the old init left the
 entropy within 1e-8 of uniform. The conversion stays exact (tests/test_layers.py).
@@ -24,7 +24,8 @@ def task():
     return pretrained(images, labels), images[:600], labels[:600]
 
 
-@pytest.mark.parametrize("kind", ["dynet", "condconv"])
+# DyNet: a softmax router at temperature 1 (DyConv starts at 30, flat for these 30 steps; CondConv keeps 1x)
+@pytest.mark.parametrize("kind", ["dynet"])
 def test_fine_tuning_makes_the_routing_depend_on_the_input(task, kind: str) -> None:
     static, images, labels = task
     tuned = fine_tune(static, kind, images, labels, 30, old_init=False)

@@ -72,10 +72,11 @@ class DynamicConv2d(nn.Module):
     routing_position: int = 0
     #: ``(start, end)`` of the router temperature annealed during fine-tuning, or ``None``: keep it.
     temperature_annealing: ClassVar[tuple[float, float] | None] = None
-    #: The routers' learning-rate multiplier per optimizer family in :func:`dynconv.parameter_groups`. 1 for every
-    #: family: on Fashion-MNIST (benchmarks/results/pays.md) CondConv's routers at x30 under SGD diverged on two
-    #: seeds of three, at x1 they train as well as static. A kind may declare its own.
-    router_lr_multipliers: ClassVar[dict[str, float]] = {"sgd": 1.0, "adam": 1.0, "trust": 1.0}
+    #: The routers' learning-rate multiplier per optimizer family in :func:`dynconv.parameter_groups`: under SGD a
+    #: softmax router's gradient is proportional to the conversion's noise, so it gets 30x (on Fashion-MNIST that
+    #: moved the routing and tied static; benchmarks/results/pays.md); Adam-type steps do not scale with the gradient,
+    #: and 10x or 30x there was no better on validation. CondConv declares its own.
+    router_lr_multipliers: ClassVar[dict[str, float]] = {"sgd": 30.0, "adam": 1.0, "trust": 1.0}
 
     def __init__(
         self,
