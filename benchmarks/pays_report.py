@@ -27,6 +27,13 @@ def _points(acc: float) -> str:
     return f"{100 * acc:.2f}"
 
 
+def label_of(record: dict) -> str:
+    """The record's settings with the optimizer always named (the default optimizer changed in round 3)."""
+    settings = record.get("settings") or {}
+    rest = [w for w in record["label"].split() if w != "defaults" and not w.startswith("opt=")]
+    return " ".join([settings.get("opt", "?"), *rest]) if settings else record["label"]
+
+
 def final_records(results: Path) -> tuple[list[dict], dict | None]:
     """Every seed's records from ``pays-final*.json`` (one file per process) and the base model's info."""
     records, base = [], None
@@ -59,7 +66,7 @@ def final_table(records: list[dict]) -> list[str]:
         ratios = [r["epoch_seconds"] / static[s]["epoch_seconds"] for s, r in runs.items() if s in static]
         diffs = [r["max_diff"] for r in runs.values() if r.get("max_diff") is not None]
         diff = f"{max(diffs):.1e}" if diffs else "—"
-        label = next(iter(runs.values()))["label"]
+        label = label_of(next(iter(runs.values())))
         if kind == "static-wall":
             label += f"; wall time of {next(iter(runs.values()))['wall_kind']}"
         epochs = statistics.fmean(r["epochs"] for r in runs.values())
@@ -175,7 +182,7 @@ def sweep_table(records: list[dict]) -> list[str]:
         acc = _points(r["val_acc"])
         acc = f"**{acc}**" if r["val_acc"] == best[r["kind"]] else acc
         lines.append(
-            f"| {r['kind']} | {r['label']} | {r['epochs']:g} | {r['setup']['train']} | {acc} | "
+            f"| {r['kind']} | {label_of(r)} | {r['epochs']:g} | {r['setup']['train']} | {acc} | "
             f"{r['epoch_seconds']:.1f} |"
         )
     return lines
