@@ -11,6 +11,7 @@ import convert
 import dynconv
 from convert.conv_classes import conversion_options
 from convert.verify import compare, difference
+from dynconv.experts import DEFAULT_NOISE
 
 
 def gained(conv: nn.Conv2d) -> nn.Conv2d:
@@ -39,8 +40,8 @@ def test_odconv_keeps_a_standardised_conv_exactly_with_separate_experts(name: st
         _, _, ok = difference(conv(x), layer(x))
     assert ok
     if experts > 1:  # the experts differ, so training can tell them apart
-        spread = (layer.weight - layer.weight.mean(0)).norm() / layer.weight.mean(0).norm()
-        assert 0.005 < float(spread) < 0.05
+        spread = float((layer.weight - layer.weight.mean(0)).detach().norm() / layer.weight.mean(0).detach().norm())
+        assert 0.5 * DEFAULT_NOISE < spread < 5 * DEFAULT_NOISE  # of the order of the conversion's noise
 
 
 def test_odconv_converts_an_nf_resnet_exactly_and_the_checkpoint_round_trips(tmp_path) -> None:

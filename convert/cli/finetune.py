@@ -57,7 +57,7 @@ def finetune_cmd(
     model_ema_decay: Annotated[float, _o("model_ema_decay")] = default("model_ema_decay"),
     temperature_epochs: Annotated[float, _o("temperature_epochs")] = default("temperature_epochs"),
     router_warmup_epochs: Annotated[int, _o("router_warmup_epochs")] = default("router_warmup_epochs"),
-    router_lr_scale: Annotated[float, _o("router_lr_scale")] = default("router_lr_scale"),
+    router_lr_scale: Annotated[float | None, _o("router_lr_scale")] = default("router_lr_scale"),
     max_steps: Annotated[int | None, _o("max_steps_per_epoch", "--max-steps")] = default("max_steps_per_epoch"),
     save_every_steps: Annotated[int, _o("save_every_steps")] = default("save_every_steps"),
     seed: Annotated[int, _o("seed")] = default("seed"),

@@ -26,7 +26,7 @@ class TrainConfig:
     image_size: int | None = _opt(None, "square input size; default: the checkpoint's recorded preprocessing")
     val_fraction: float = _opt(0.1, "held-out share of a folder without train/ and val/")
     opt: str = _opt("adamw", "optimizer by timm name: sgd (Nesterov), momentum, adamw, lamb, ...")
-    lr: float = _opt(5e-4, "peak learning rate (routers: x router_lr_scale)")
+    lr: float = _opt(5e-4, "peak learning rate (routers: x their kind's multiplier or --router-lr-scale)")
     momentum: float = _opt(0.9, "SGD momentum")
     weight_decay: float = _opt(5e-5, "weight decay, not applied to norms and biases")
     sched: str = _opt("cosine", "learning-rate schedule by timm name: cosine, step, none")
@@ -48,7 +48,9 @@ class TrainConfig:
         10.0, "epochs over which kinds that anneal their router temperature do so (DyConv: 30 -> 1); others keep theirs"
     )
     router_warmup_epochs: int = _opt(0, "first epochs train the routers only")
-    router_lr_scale: float = _opt(1.0, "router learning rate = lr x this")
+    router_lr_scale: float | None = _opt(
+        None, "router learning rate = lr x this; default: each kind's (AdamW 1; SGD 30 softmax kinds, 1 CondConv)"
+    )
     max_steps_per_epoch: int | None = _opt(None, "cap steps per epoch (smoke runs)")
     save_every_steps: int = _opt(0, "also save the resumable state every N steps inside an epoch; 0: at epoch ends")
     seed: int = _opt(0, "data split, order, augmentation and new-head seed")
