@@ -49,7 +49,7 @@ class TrainConfig:
     )
     router_warmup_epochs: int = _opt(0, "first epochs train the routers only")
     router_lr_scale: float | None = _opt(
-        None, "router learning rate = lr x this; default: each kind's (AdamW 1; SGD 30 softmax kinds, 1 CondConv)"
+        None, "router learning rate = lr x this; default: each kind's (AdamW 1; SGD 30 softmax kinds, 1 CondConv, DCD)"
     )
     max_steps_per_epoch: int | None = _opt(None, "cap steps per epoch (smoke runs)")
     save_every_steps: int = _opt(0, "also save the resumable state every N steps inside an epoch; 0: at epoch ends")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -249,6 +249,9 @@ class DCDConv2d(DynamicConv2d):
 
     kind = "dcd"
     has_experts = False
+    #: 1 for every optimizer: the 30x SGD rule is for softmax routers over noisy experts; DCD at 30x under SGD
+    #: ended 0.60 points below static on Fashion-MNIST (benchmarks/results/pays.md, pays-sgd-router30).
+    router_lr_multipliers: ClassVar[dict[str, float]] = {"sgd": 1.0, "adam": 1.0, "trust": 1.0}
     routing_unshareable = "computes its kernel its own way, not as one routing vector over its experts"
     info = KindInfo(
         title="DCD: dynamic convolution decomposition (Li et al., ICLR 2021)",
