@@ -31,10 +31,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fashion import SYSTEM_DATA, MissingDataError, load_splits, write_folder
+from fashion import SYSTEM_DATA, MissingDataError, as_input, load_splits, write_folder
 from pays_loop import Settings, accuracy, max_logit_diff, train
 
 import convert
+import dynconv
 from convert.analyze import analyze
 
 RESULTS = Path(__file__).parent / "results"
@@ -61,7 +62,9 @@ def grid_settings(grid: list[str], static: bool) -> list[Settings]:
     for combo in itertools.product(*[values for _, values in axes]):
         chosen = dict(zip([k for k, _ in axes], combo, strict=True))
         if static:  # router and conversion knobs mean nothing to a static model
-            chosen = {k: v for k, v in chosen.items() if k in names and k not in ("router_lr_scale", "temp_frac")}
+            chosen = {
+                k: v for k, v in chosen.items() if k in names and k not in ("router_lr_scale", "temp_frac", "calibrate")
+            }
         loop = {k: v for k, v in chosen.items() if k in names}
         extra = tuple(sorted((k, v) for k, v in chosen.items() if k not in names))
         settings = Settings(**loop, convert=extra)
@@ -136,6 +139,12 @@ class Bench:
             return copy.deepcopy(self.base), None
         options = dict(settings.convert)
         result = convert.convert_model(self.base, kind=kind, seed=seed, input_size=self.args.size, **options)
+        if settings.calibrate:  # on training images in the seed's order, before any step
+            train = self.splits["train"]
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+            size = settings.batch_size
+            batches = [as_input(train.images[order[i * size : (i + 1) * size]]) for i in range(settings.calibrate)]
+            dynconv.calibrate_routing(result.model, batches, seed=seed)
         return result.model, max_logit_diff(self.base, result.model, self.splits["val"])
 
     def run(self, kind: str, settings: Settings, seed: int, *, steps: int | None = None, test: bool = False) -> dict:

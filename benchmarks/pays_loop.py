@@ -21,6 +21,7 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 
 import dynconv
+from dynconv.temperature import annealed_buffers
 
 #: Base learning rate per optimizer; a run's rate is this times its ``lr_mult``.
 BASE_LR = {"sgd": 0.02, "adamw": 5e-4}
@@ -40,6 +41,7 @@ class Settings:
     warmup: float = 0.05  # fraction of the run's steps
     temp_frac: float = 0.5  # softmax temperatures anneal 30 -> 1 over this fraction of the run
     batch_size: int = 64
+    calibrate: int = 0  # training batches dynconv.calibrate_routing reads before training (0: uniform routing)
     convert: tuple[tuple[str, Any], ...] = ()  # extra ``convert.convert_model`` options (noise, router init, ...)
 
     @property
@@ -110,11 +112,15 @@ def train(model: nn.Module, split: Split, settings: Settings, *, seed: int, step
         step_on_epochs=False,
         updates_per_epoch=1,
     )
+    # Only the kinds that anneal (DyConv 30 -> 1) are touched; ODConv keeps its own temperature
+    # (until this fix every router, ODConv's too, was set to 30). Calibrated routers are not annealed.
     temperature = None
-    if dynconv.set_temperature(model, 30.0) and settings.temp_frac > 0:
+    annealed = annealed_buffers(model)
+    if annealed and settings.temp_frac > 0 and not settings.calibrate:
         temperature = dynconv.TemperatureSchedule(model, max(1, math.ceil(settings.temp_frac * steps)), start=30.0)
-    elif settings.temp_frac == 0:
-        dynconv.set_temperature(model, 1.0)
+    else:
+        for buffer, _, end in annealed:
+            buffer.fill_(end)
     torch.manual_seed(seed)  # dropout masks
     log = TrainLog(steps=0, seconds=0.0, steps_per_epoch=per_epoch)
     model.train()

@@ -4,9 +4,9 @@ A seeded small CNN is trained briefly on scikit-learn's digits (8x8 real scans),
 and fine-tuned for ``--steps`` SGD steps (momentum 0.9) with :func:`dynconv.parameter_groups`;
 ``dynconv analyze``'s metrics (mean normalised routing entropy, between-class ratio) are
 compared before and after, for the old initialisation (noise 0.01, routers at the base
-learning rate) and the defaults.
+learning rate), the defaults, and the defaults with :func:`dynconv.calibrate_routing`.
 
-    python benchmarks/routing_learns.py [--steps 40] [--kinds dynet,condconv,dyconv]
+    python benchmarks/routing_learns.py [--steps 40] [--kinds dynet,condconv,dyconv,odconv]
 """
 
 from __future__ import annotations
@@ -78,36 +78,53 @@ def pretrained(images: Tensor, labels: Tensor, steps: int = 15) -> nn.Module:
     return model
 
 
-def fine_tune(
-    static: nn.Module, kind: str, images: Tensor, labels: Tensor, steps: int, *, old_init: bool
-) -> dict[str, float]:
-    """Convert ``static`` to ``kind`` (4 experts), fine-tune; routing metrics before and after, and the loss."""
-    noise = 0.01 if old_init else None
+INITS = {
+    "old": "main before #22 (noise 0.01, routers x1)",
+    "default": "default (noise 0.1, kind's router multiplier)",
+    "calibrated": "default + dynconv.calibrate_routing (256 images)",
+}
+
+
+def fine_tune(static: nn.Module, kind: str, images: Tensor, labels: Tensor, steps: int, *, init: str) -> dict:
+    """Convert ``static`` to ``kind`` (4 experts) with ``init`` (:data:`INITS`), fine-tune; routing
+    metrics before and after, the loss, and the largest logit change the initialisation made."""
+    noise = 0.01 if init == "old" else None
     model = convert.convert_model(static, kind=kind, experts=4, input_size=8, seed=0, noise=noise).model
+    if init == "calibrated":
+        dynconv.calibrate_routing(model, [images[:128], images[128:256]])
+    static.eval(), model.eval()
+    with torch.no_grad():
+        moved = float((static(images[:256]) - model(images[:256])).abs().max())
     before = routing_metrics(model, images, labels)
-    router_lr_scale = 1.0 if old_init else None  # the old routers: the base learning rate
+    router_lr_scale = 1.0 if init == "old" else None  # the old routers: the base learning rate
     groups = dynconv.parameter_groups(model, router_lr_scale, lr=0.02, optimizer="sgd")
     loss = train(model, images, labels, steps, groups)
     after = routing_metrics(model, images, labels)
-    return {"entropy": before[0], "ratio": before[1], "entropy_after": after[0], "ratio_after": after[1], "loss": loss}
+    return {
+        "entropy": before[0],
+        "ratio": before[1],
+        "entropy_after": after[0],
+        "ratio_after": after[1],
+        "loss": loss,
+        "max_logit_change": moved,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--kinds", default="dynet,condconv,dyconv")
+    parser.add_argument("--kinds", default="dynet,condconv,dyconv,odconv")
     args = parser.parse_args()
     images, labels = digits()
     static = pretrained(images, labels)
     print("| kind | init | entropy before -> after | 1 - entropy after | class ratio before -> after | loss |")
     print("|---|---|---|---|---|---|")
     for kind in args.kinds.split(","):
-        for old in (True, False):
-            m = fine_tune(static, kind, images, labels, args.steps, old_init=old)
+        for init, label in INITS.items():
+            m = fine_tune(static, kind, images, labels, args.steps, init=init)
             print(
-                f"| {kind} | {'main (noise 0.01, routers x1)' if old else 'default'} | {m['entropy']:.6f} -> "
-                f"{m['entropy_after']:.6f} | {1 - m['entropy_after']:.2e} | {m['ratio']:.3g} -> "
-                f"{m['ratio_after']:.3g} | {m['loss']:.3f} |",
+                f"| {kind} | {label} | {m['entropy']:.6f} -> {m['entropy_after']:.6f} | "
+                f"{1 - m['entropy_after']:.2e} | {m['ratio']:.3g} -> {m['ratio_after']:.3g} | {m['loss']:.3f} |",
                 flush=True,
             )
 

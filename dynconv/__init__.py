@@ -4,6 +4,7 @@ Runtime package: imports torch only, so a converted model needs nothing else to 
 """
 
 from . import core, functional
+from .calibration import CalibrationReport, calibrate_routing
 from .experts import upcycle
 from .folding import fold_batchnorm_
 from .functional import EXPORTABLE_STRATEGIES, STRATEGIES, dynamic_conv2d, strategy_scope
@@ -37,6 +38,7 @@ __all__ = [
     "STRATEGIES",
     "TF_SAME",
     "Bounds",
+    "CalibrationReport",
     "CondConv2d",
     "DCDConv2d",
     "DyConv2d",
@@ -50,6 +52,7 @@ __all__ = [
     "TemperatureSchedule",
     "WeightStandardization",
     "__version__",
+    "calibrate_routing",
     "capture_routing",
     "core",
     "dynamic_conv2d",

@@ -35,6 +35,11 @@ class Router(nn.Module):
     def uniform_total(self) -> float:
         raise NotImplementedError
 
+    def calibration_head(self) -> tuple[nn.Linear, str] | None:
+        """The linear layer whose outputs are the expert logits, and their normalisation
+        (``"softmax"`` or ``"pairs"``), for :func:`dynconv.calibrate_routing`; ``None``: no such routing."""
+        return None
+
 
 def global_pool(x: Tensor) -> Tensor:
     """``[B, C, H, W] -> [B, C]`` average, memory-format agnostic."""
@@ -61,6 +66,9 @@ class SigmoidRouter(Router):
     #: Sum of the routing weights when the router is zeroed: sigmoid(0) = 1/2 per expert.
     def uniform_total(self) -> float:
         return 0.5 * self.fc.out_features
+
+    def calibration_head(self) -> tuple[nn.Linear, str]:
+        return self.fc, "pairs"
 
     def zero_(self) -> SigmoidRouter:
         nn.init.zeros_(self.fc.weight)
@@ -102,6 +110,9 @@ class SoftmaxRouter(Router):
     def uniform_total(self) -> float:
         return 1.0
 
+    def calibration_head(self) -> tuple[nn.Linear, str]:
+        return self.fc2, "softmax"
+
     def zero_(self) -> SoftmaxRouter:
         """Zero the output layer only: ``fc1`` keeps random features so ``fc2`` gets gradients."""
         nn.init.zeros_(self.fc2.weight)
@@ -141,6 +152,9 @@ class ChannelRouter(Router):
 
     def uniform_total(self) -> float:
         return 1.0
+
+    def calibration_head(self) -> tuple[nn.Linear, str]:
+        return self.fc, "softmax"
 
     def zero_(self) -> ChannelRouter:
         """Zero the output layer only: a bottleneck keeps random features so ``fc`` gets gradients."""

@@ -28,8 +28,8 @@ def task():
 @pytest.mark.parametrize("kind", ["dynet"])
 def test_fine_tuning_makes_the_routing_depend_on_the_input(task, kind: str) -> None:
     static, images, labels = task
-    tuned = fine_tune(static, kind, images, labels, 30, old_init=False)
+    tuned = fine_tune(static, kind, images, labels, 30, init="default")
     assert tuned["entropy"] == pytest.approx(1.0, abs=1e-9) and tuned["ratio"] == 0  # uniform at conversion
     assert 1 - tuned["entropy_after"] > 1e-4 and tuned["ratio_after"] > 0.5
-    old = fine_tune(static, kind, images, labels, 30, old_init=True)
+    old = fine_tune(static, kind, images, labels, 30, init="old")
     assert 1 - tuned["entropy_after"] > 100 * (1 - old["entropy_after"])

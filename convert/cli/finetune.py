@@ -56,6 +56,7 @@ def finetune_cmd(
     model_ema: Annotated[bool, _o("model_ema", "--model-ema")] = default("model_ema"),
     model_ema_decay: Annotated[float, _o("model_ema_decay")] = default("model_ema_decay"),
     temperature_epochs: Annotated[float, _o("temperature_epochs")] = default("temperature_epochs"),
+    calibrate_routing: Annotated[int, _o("calibrate_routing")] = default("calibrate_routing"),
     router_warmup_epochs: Annotated[int, _o("router_warmup_epochs")] = default("router_warmup_epochs"),
     router_lr_scale: Annotated[float | None, _o("router_lr_scale")] = default("router_lr_scale"),
     max_steps: Annotated[int | None, _o("max_steps_per_epoch", "--max-steps")] = default("max_steps_per_epoch"),
@@ -79,6 +80,8 @@ def finetune_cmd(
 
     Router temperature: only kinds that declare an annealing anneal it over --temperature-epochs
     (DyConv: 30 -> 1); the others (ODConv, DCD, CondConv, DyNet) keep the temperature they were converted with.
+    With --calibrate-routing N the fresh routers are set from N training batches first (input-dependent
+    routing, the same function) and nothing anneals.
     """
     from ..finetune import Reporter, finetune
 
@@ -111,6 +114,7 @@ def finetune_cmd(
         model_ema=model_ema,
         model_ema_decay=model_ema_decay,
         temperature_epochs=temperature_epochs,
+        calibrate_routing=calibrate_routing,
         router_warmup_epochs=router_warmup_epochs,
         router_lr_scale=router_lr_scale,
         max_steps_per_epoch=max_steps,
@@ -236,6 +240,12 @@ class _Display:
             f"{info['steps_per_epoch']} steps per epoch, {self.epochs} epochs; layers: {kinds}; "
             f"temperature: {temperature}",
         ]
+        calibrated = info.get("calibrated")
+        if calibrated:
+            lines.append(
+                f"routing calibrated on {calibrated['images']} training images: {calibrated['layers']} layers "
+                f"input-dependent, same function; {calibrated['left']} left as they were"
+            )
         if resumed:
             lines.append(f"resuming after epoch {resumed[0]}" + (f", step {resumed[1]}" if resumed[1] else ""))
         for line in lines:

@@ -47,6 +47,11 @@ class TrainConfig:
     temperature_epochs: float = _opt(
         10.0, "epochs over which kinds that anneal their router temperature do so (DyConv: 30 -> 1); others keep theirs"
     )
+    calibrate_routing: int = _opt(
+        0,
+        "training batches that set fresh routers from the data before the first step (dynconv.calibrate_routing: "
+        "input-dependent routing, same function, no temperature annealing); 0: routing starts uniform",
+    )
     router_warmup_epochs: int = _opt(0, "first epochs train the routers only")
     router_lr_scale: float | None = _opt(
         None, "router learning rate = lr x this; default: each kind's (AdamW 1; SGD 30 softmax kinds, 1 CondConv, DCD)"

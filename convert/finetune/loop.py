@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 import dynconv
 from dynconv.temperature import annealed_buffers, annealed_kinds
@@ -102,6 +102,18 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def calibrate(model: nn.Module, train_set: Dataset, config: TrainConfig, device: torch.device) -> dict | None:
+    """:func:`dynconv.calibrate_routing` on ``config.calibrate_routing`` training batches (seeded, the same on
+    every rank); ``None`` when off, else how many layers were calibrated and left alone."""
+    if not config.calibrate_routing:
+        return None
+    count = min(len(train_set), config.calibrate_routing * config.batch_size)
+    chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed - 1))[:count]
+    loader = DataLoader(Subset(train_set, chosen.tolist()), config.batch_size, num_workers=config.workers)
+    report = dynconv.calibrate_routing(model, (images.to(device) for images, _ in loader), seed=config.seed)
+    return {"layers": len(report.calibrated), "left": len(report.skipped), "images": report.samples}
+
+
 def _distributed() -> tuple[int, int]:
     """``(rank, world_size)``, initialising the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -136,10 +148,13 @@ def train_model(
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     steps = steps_per_epoch(len(train_set), config.batch_size, world, config.max_steps_per_epoch)
+    calibrated = calibrate(model, train_set, config, device) if resume is None else None
     net = nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config, steps)
-    temperature = dynconv.TemperatureSchedule(model, max(1, math.ceil(config.temperature_epochs * steps)))
+    # calibrated routers are sized for temperature 1: nothing anneals
+    fixed = {"start": 1.0, "end": 1.0} if config.calibrate_routing else {}
+    temperature = dynconv.TemperatureSchedule(model, max(1, math.ceil(config.temperature_epochs * steps)), **fixed)
     mixup = build_mixup(config, classes or 0)
     loss_fn = build_loss(config, mixup)
     scaler = torch.amp.GradScaler("cuda") if config.amp == "fp16" else None
@@ -155,7 +170,7 @@ def train_model(
         kinds: dict[str, int] = {}
         for layer in dynconv.dynamic_layers(model).values():
             kinds[layer.kind] = kinds.get(layer.kind, 0) + 1
-        annealing = annealed_kinds(model)
+        annealing = {} if config.calibrate_routing else annealed_kinds(model)
         hooks.on_start(
             {
                 **(describe or {}),
@@ -166,6 +181,7 @@ def train_model(
                 "annealing": annealing,
                 "temperature_steps": temperature.steps if annealing else 0,
                 "resumed_at": (run.epoch, run.step) if resume is not None else None,
+                "calibrated": calibrated,
             }
         )
     val_loader = DataLoader(val_set, config.batch_size, num_workers=config.workers, generator=torch.Generator())

@@ -190,6 +190,10 @@ class OmniRouter(Router):
     def uniform_total(self) -> float:
         return 0.5 ** self.sigmoid_heads()
 
+    def calibration_head(self) -> tuple[nn.Linear, str] | None:
+        """The kernel attention (a softmax over the experts); the sigmoid attentions stay at 1/2."""
+        return None if self.kernel is None else (self.kernel, "softmax")
+
     def zero_(self) -> OmniRouter:
         """Zero every head; ``fc`` keeps random features so the heads get gradients at once."""
         for head in self.heads():
