@@ -108,13 +108,17 @@ def eval_transform(prep: Preprocessing) -> Any:
     )
 
 
-def train_transform(prep: Preprocessing, *, auto_augment: str | None = None, re_prob: float = 0.0) -> Any:
-    """timm's training transform: random-resized crop, flip, colour jitter, optional RandAugment and erasing."""
+def train_transform(
+    prep: Preprocessing, *, auto_augment: str | None = None, re_prob: float = 0.0, crop_min: float = 0.08
+) -> Any:
+    """timm's training transform: random-resized crop (area ``crop_min``-1 of the image), flip, colour
+    jitter, optional RandAugment and erasing."""
     from timm.data import create_transform
 
     return create_transform(
         prep.input_size,
         is_training=True,
+        scale=(crop_min, 1.0),
         auto_augment=auto_augment,
         re_prob=re_prob,
         interpolation=prep.interpolation,

@@ -18,7 +18,7 @@ import convert
 import dynconv
 from convert.cli import app
 from convert.finetune import TrainConfig, evaluate, image_folder_splits, train_model
-from convert.finetune.state import read_sidecar, sidecar_path
+from convert.finetune.state import read_sidecar, sidecar_path, write_sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -82,6 +82,13 @@ def test_resume_continues_exactly(trained, digits, tmp_path) -> None:
     straight, resumed = tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors"
     _finetune(path, digits, "--output", straight, "--epochs", 2, *common)
     _finetune(path, digits, "--output", resumed, "--epochs", 1, *common)
+    state = read_sidecar(sidecar_path(resumed))  # as a run started before these settings existed wrote it
+    for added in ("calibrate_routing", "augment", "crop_min"):
+        del state.info["config"][added]
+    write_sidecar(sidecar_path(resumed), state)
+    again = [path, digits, "-o", resumed, "--resume", "--crop-min", 0.5, *common]
+    refused = CliRunner().invoke(app, ["finetune", *map(str, again)])
+    assert refused.exit_code == 2 and "other settings (crop_min=0.08)" in refused.stderr, refused.stderr
     _finetune(path, digits, "--output", resumed, "--epochs", 2, "--resume", *common)
     a = convert.load_checkpoint(straight).state_dict()
     b = convert.load_checkpoint(resumed).state_dict()

@@ -51,3 +51,21 @@ def test_the_readme_own_loop_runs_and_the_api_takes_the_same_config(tmp_path) ->
         run.epoch == 1 and convert.read_metadata(tmp_path / "api.safetensors")["training"]["config"]["opt"] == "adamw"
     )
     assert sidecar_path(tmp_path / "api.safetensors").exists()
+
+
+def test_the_training_crop_can_be_gentler_or_off_for_small_images(tmp_path) -> None:
+    """``crop_min`` is timm's random-resized-crop ``scale`` floor; ``augment=False`` trains on the eval transform."""
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from typer.testing import CliRunner
+
+    from convert.cli import app
+
+    root = write_digits(tmp_path / "digits", size=32, limit=40)
+    gentle, _, _ = image_folder_splits(root, 32, 0.1, 0, crop_min=0.6)
+    crops = [t for t in gentle.dataset.transform.transforms if isinstance(t, RandomResizedCropAndInterpolation)]
+    assert len(crops) == 1 and crops[0].scale == (0.6, 1.0)
+    plain, val, _ = image_folder_splits(root, 32, 0.1, 0, augment=False)
+    assert plain.dataset.transform is val.dataset.transform
+    path = tmp_path / "fake.safetensors"
+    refused = CliRunner().invoke(app, ["finetune", str(path), str(root), "--crop-min", "0"])
+    assert refused.exit_code == 2 and "--crop-min is an area share in (0, 1], got 0.0" in refused.stderr

@@ -37,6 +37,8 @@ class TrainConfig:
     smoothing: float = _opt(0.0, "label smoothing")
     mixup: float = _opt(0.0, "mixup alpha (timm Mixup with soft-target cross-entropy); 0: off")
     cutmix: float = _opt(0.0, "cutmix alpha; 0: off")
+    augment: bool = _opt(True, "timm's training transform for training images (off: the evaluation transform)")
+    crop_min: float = _opt(0.08, "smallest area share of the random-resized crop (timm's scale=(crop_min, 1))")
     aa: str | None = _opt(None, "RandAugment policy, e.g. rand-m9-mstd0.5 (timm auto_augment)")
     reprob: float = _opt(0.0, "random erasing probability")
     clip_grad: float | None = _opt(None, "clip the gradient norm to this")

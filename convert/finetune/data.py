@@ -21,6 +21,7 @@ def image_folder_splits(
     auto_augment: str | None = None,
     re_prob: float = 0.0,
     augment: bool = True,
+    crop_min: float = 0.08,
 ) -> tuple[Dataset, Dataset, int]:
     """Train/val datasets from ``root/train`` + ``root/val``, or a seeded split of ``root``.
 
@@ -31,7 +32,9 @@ def image_folder_splits(
 
     prep = (preprocessing or Preprocessing()).sized(image_size)
     evaluate = eval_transform(prep)
-    train = train_transform(prep, auto_augment=auto_augment, re_prob=re_prob) if augment else evaluate
+    train = (
+        train_transform(prep, auto_augment=auto_augment, re_prob=re_prob, crop_min=crop_min) if augment else evaluate
+    )
     root = Path(root)
     if not root.is_dir():
         raise UserError(f"dataset folder {root} does not exist")

@@ -25,6 +25,7 @@ from ..heads import replace_head
 from .config import TrainConfig
 from .data import image_folder_splits
 from .loop import EpochLog, Hooks, RunState, train_model
+from .optimisation import check_config
 from .state import TrainingState, read_sidecar, read_sidecar_info, sidecar_path, write_sidecar
 
 
@@ -57,6 +58,7 @@ def finetune(
     base module of a checkpoint converted from custom code (see :func:`~convert.load_checkpoint`).
     """
     config = config or TrainConfig()
+    check_config(config)  # impossible settings are said before any file is read
     reporter = reporter or Reporter()
     checkpoint, data, output = Path(checkpoint), Path(data), Path(output)
     sidecar = sidecar_path(output)
@@ -73,7 +75,15 @@ def finetune(
     prep = checkpoint_preprocessing(checkpoint, net)
     size = config.image_size or prep.input_size[1]
     train_set, val_set, classes = image_folder_splits(
-        data, size, config.val_fraction, config.seed, preprocessing=prep, auto_augment=config.aa, re_prob=config.reprob
+        data,
+        size,
+        config.val_fraction,
+        config.seed,
+        preprocessing=prep,
+        auto_augment=config.aa,
+        re_prob=config.reprob,
+        augment=config.augment,
+        crop_min=config.crop_min,
     )
     if num_classes is not None and num_classes != classes:
         raise UserError(f"a head for {num_classes} classes was asked for, but {data} has {classes} classes")
@@ -137,8 +147,9 @@ def resumable_state(output: Path, config: TrainConfig, source_digest: str | None
             raise UserError(f"{sidecar} belongs to another run than {output}; it cannot resume it")
     if info.get("source_digest") != source_digest:
         raise UserError(f"{output}'s run started from another checkpoint (its digest differs); resume with that one")
-    if info["config"] != json.loads(json.dumps(config.recorded())):
-        before = info["config"]
+    # settings added after a run started (calibrate_routing, augment, crop_min) count as their defaults
+    before = {**json.loads(json.dumps(TrainConfig().recorded())), **info["config"]}
+    if before != json.loads(json.dumps(config.recorded())):
         changed = ", ".join(f"{k}={before.get(k)!r}" for k, v in config.recorded().items() if before.get(k) != v)
         raise UserError(f"{output} was trained with other settings ({changed}); resume with the same ones")
     return read_sidecar(sidecar)
