@@ -155,7 +155,9 @@ def test_finetune_calibrates_fresh_routers_and_analyze_reads_the_routing_off_uni
     assert convert.read_metadata(tmp_path / "tuned.safetensors")["training"]["config"]["calibrate_routing"] == 2
     uniform, tuned = analyze(checkpoint, data).layers, analyze(tmp_path / "tuned.safetensors", data).layers
     assert all(s.entropy == pytest.approx(1.0, abs=1e-9) and not s.class_ratio for s in uniform)
-    assert max(s.entropy for s in tuned) < 0.99 and min(s.class_ratio for s in tuned) > 0.05
+    entropies = [s.entropy for s in tuned]
+    assert sum(entropies) / len(entropies) < 0.975 and max(entropies) < 0.995  # every layer off uniform
+    assert min(s.class_ratio for s in tuned) > 0.05
     refused = CliRunner().invoke(app, ["finetune", str(checkpoint), str(data), "--calibrate-routing", "-1"])
     assert refused.exit_code == 2 and "--calibrate-routing is a number of batches" in refused.output
     assert not (tmp_path / "condconv-finetuned.safetensors").exists()

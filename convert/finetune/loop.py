@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -110,8 +110,20 @@ def calibrate(model: nn.Module, train_set: Dataset, config: TrainConfig, device:
     count = min(len(train_set), config.calibrate_routing * config.batch_size)
     chosen = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(config.seed - 1))[:count]
     loader = DataLoader(Subset(train_set, chosen.tolist()), config.batch_size, num_workers=config.workers)
-    report = dynconv.calibrate_routing(model, (images.to(device) for images, _ in loader), seed=config.seed)
+    with seeded(config.seed - 1):  # the training transform draws from every RNG: the same batches in any process
+        report = dynconv.calibrate_routing(model, (images.to(device) for images, _ in loader), seed=config.seed)
     return {"layers": len(report.calibrated), "left": len(report.skipped), "images": report.samples}
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block from :func:`seed_everything`'s state, then put every RNG back as it was."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    seed_everything(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0]), np.random.set_state(saved[1]), torch.set_rng_state(saved[2])
 
 
 def _distributed() -> tuple[int, int]:
