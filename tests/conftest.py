@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -7,11 +8,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 
+#: Two threads, as on the CI machine; one per process when pytest-xdist runs the tests in two.
+THREADS = max(1, 2 // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")))
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
-    """Every test starts from the same RNG state; two threads, as on the CI machine."""
+    """Every test starts from the same RNG state and thread count."""
     torch.manual_seed(0)
-    torch.set_num_threads(2)
+    torch.set_num_threads(THREADS)
     yield
 
 

@@ -132,6 +132,7 @@ def finetune_cmd(
     show = _Display(epochs, log_every, rank)
     saved: list[tuple[Path, int, int]] = []  # the last save point: sidecar, epochs done, steps into the next
     reporter = Reporter(show.header, show.step, show.epoch, lambda path, epoch, step: saved.append((path, epoch, step)))
+    started = time.time()
     with show.bar:
         try:
             state = finetune(
@@ -147,6 +148,7 @@ def finetune_cmd(
             )
         except KeyboardInterrupt:
             show.bar.stop()
+            saved += _written_since(target, started)  # Ctrl-C may land between a save and its report
             err.print(_interrupted(target, saved, resume_command), markup=False, highlight=False, soft_wrap=True)
             raise SystemExit(130) from None  # the shell's code for SIGINT
     if rank == 0:
@@ -159,6 +161,21 @@ def finetune_cmd(
             highlight=False,
             markup=False,
         )
+
+
+def _written_since(target: Path, started: float) -> list[tuple[Path, int, int]]:
+    """The save point in ``target``'s sidecar if this command wrote it (after ``started``), else nothing."""
+    from ..checkpoint import CheckpointError
+    from ..finetune.state import read_sidecar_info, sidecar_path
+
+    sidecar = sidecar_path(target)
+    try:
+        if sidecar.stat().st_mtime < started:
+            return []
+        info = read_sidecar_info(sidecar)
+    except (OSError, CheckpointError):
+        return []
+    return [] if info is None else [(sidecar, int(info["epoch"]), int(info["step"]))]
 
 
 def _interrupted(target: Path, saved: list[tuple[Path, int, int]], resume_command: str) -> str:
