@@ -188,6 +188,19 @@ def sweep_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def setup_difference(extra: dict | None, main: dict | None) -> list[str]:
+    """A line naming how a sub-folder's run differs from the main one (training images, base model)."""
+    if not extra or not main or extra.get("setup", {}).get("train") == main.get("setup", {}).get("train"):
+        return []
+    setup, info = extra["setup"], extra["info"]
+    return [
+        f"Another setup: {setup['train']} training images; the base trained {setup['base_epochs']} epochs on them "
+        f"({_points(info['val_acc'])} % validation, {_points(info['test_acc'])} % test), then +{setup['epochs']} "
+        "epoch(s) per arm.",
+        "",
+    ]
+
+
 def write_report(results: Path, measured: Path | None = None) -> Path:
     """Render ``results/pays.md``, keeping its "## Reading" section; ``measured``: where the kinds' lines go."""
     out = results / "pays.md"
@@ -233,10 +246,10 @@ def write_report(results: Path, measured: Path | None = None) -> Path:
         lines += ["## Routing (`convert.analyze`, first seed): right after conversion → after fine-tuning", ""]
         lines += [*routing_table(records), ""]
     for extra in sorted(p for p in results.iterdir() if p.is_dir() and p.name.startswith("pays-")):
-        more, _ = final_records(extra)
+        more, extra_base = final_records(extra)
         if more:
             title = f"## Test accuracy, 3 seeds, `{extra.name}` (settings given with `--use`)"
-            lines += [title, "", *final_table(more), "", *target_lines(more), ""]
+            lines += [title, "", *setup_difference(extra_base, base), *final_table(more), "", *target_lines(more), ""]
             lines += [*routing_table(more), ""]
     if sweep:
         lines += ["## Settings tried (validation split, seed 0)", "", *sweep_table(sweep), ""]

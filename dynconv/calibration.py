@@ -162,6 +162,9 @@ def calibrate_routing(
         layer = members[0][1]
         head, style = routing_head(layer)
         temperature = getattr(layer.router, "temperature", None)
+        if not features[key]:
+            report.skipped.update({name: "it did not run on the calibration batches" for name, _ in members})
+            continue
         try:
             _set_head(head, style, torch.cat(features[key]).flatten(1).cpu(), spread, generator)
         except ValueError as exc:

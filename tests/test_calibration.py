@@ -9,6 +9,7 @@ moves the routing far more than from the uniform start.
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -161,3 +162,21 @@ def test_finetune_calibrates_fresh_routers_and_analyze_reads_the_routing_off_uni
     refused = CliRunner().invoke(app, ["finetune", str(checkpoint), str(data), "--calibrate-routing", "-1"])
     assert refused.exit_code == 2 and "--calibrate-routing is a number of batches" in refused.output
     assert not (tmp_path / "condconv-finetuned.safetensors").exists()
+
+
+def test_a_layer_the_batches_never_reach_is_left_uniform_and_said(task) -> None:
+    static, images, _ = task
+    model = converted(static, "dynet", experts=4)
+    first = next(iter(dynconv.dynamic_layers(model)))
+
+    class WithAuxiliary(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.main, self.unused = model, copy.deepcopy(model)  # forward never calls ``unused``
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.main(x)
+
+    report = calibrate_routing(WithAuxiliary(), [images[:64]])
+    assert report.skipped[f"unused.{first}"] == "it did not run on the calibration batches"
+    assert f"main.{first}" in report.calibrated
