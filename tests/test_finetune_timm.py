@@ -45,6 +45,12 @@ def dynconv(*args: object, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+def _default_sigint() -> None:
+    """A shell's background job (``cmd &`` without job control) ignores SIGINT, and children inherit
+    that; the run under test must get Ctrl-C as a terminal would deliver it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args: object, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [str(DYNCONV), *map(str, args)],
@@ -53,6 +59,7 @@ def start(*args: object, cwd: Path) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
 
 
