@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=4, help="fine-tuning epochs for every model")
     parser.add_argument("--kinds", nargs="*", default=list(KINDS), help="kind:experts entries")
     parser.add_argument("--lr", type=float, default=TrainConfig().lr, help="default: dynconv finetune's")
+    parser.add_argument("--crop-min", type=float, default=TrainConfig().crop_min, help="dynconv finetune --crop-min")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
@@ -52,7 +53,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = write_digits(Path(tmp) / "digits", size=32)
         plain_set, val_set, classes = image_folder_splits(root, 32, 0.2, seed=0, augment=False)
-        train_set, _, _ = image_folder_splits(root, 32, 0.2, seed=0)  # timm's training transform, as finetune's
+        # timm's training transform, as finetune's
+        train_set, _, _ = image_folder_splits(root, 32, 0.2, seed=0, crop_min=args.crop_min)
         val_loader = DataLoader(val_set, batch_size=256)
 
         torch.manual_seed(0)
@@ -60,7 +62,9 @@ def main() -> None:
         warm = TrainConfig(epochs=args.pre_epochs, opt="momentum", lr=0.05, sched="none", warmup_epochs=0)
         pre = train_model(static, plain_set, val_set, warm)
         static_loss, static_acc, static_pred = evaluate(static, val_loader)
-        config = TrainConfig(epochs=args.epochs, lr=args.lr, val_fraction=0.2, temperature_epochs=args.epochs / 2)
+        config = TrainConfig(
+            epochs=args.epochs, lr=args.lr, val_fraction=0.2, temperature_epochs=args.epochs / 2, crop_min=args.crop_min
+        )
         runs["static"] = train_model(copy.deepcopy(static), train_set, val_set, config, classes=classes).history
         print(f"static: {runs['static'][-1]}", flush=True)
 
@@ -87,10 +91,11 @@ def main() -> None:
         f"fine-tuned for {args.epochs} epochs with `dynconv finetune`'s defaults (timm: {config.opt}, "
         f"lr {config.lr:g}, weight decay {config.weight_decay:g} off norms and biases, cosine with a "
         f"{config.warmup_epochs:g}-epoch warm-up per step, batch {config.batch_size}, "
-        "timm's training transform, same data order); DyConv's temperature annealed 30 → 1 over the first "
+        f"timm's training transform with random-resized crops of {config.crop_min:g}-1 of the area, same data "
+        "order); DyConv's temperature annealed 30 → 1 over the first "
         f"{args.epochs / 2:g} epochs, ODConv kept at 1. {minutes:.1f} min on {args.threads} "
         f"thread{'s' if args.threads > 1 else ''}. "
-        "Rerun: `python benchmarks/finetune.py`.",
+        f"Rerun: `python benchmarks/finetune.py --crop-min {config.crop_min:g} --epochs {args.epochs}`.",
         "",
         "## Right after conversion",
         "",
