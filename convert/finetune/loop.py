@@ -118,12 +118,12 @@ def calibrate(model: nn.Module, train_set: Dataset, config: TrainConfig, device:
 @contextlib.contextmanager
 def seeded(seed: int) -> Iterator[None]:
     """Run the block from :func:`seed_everything`'s state, then put every RNG back as it was."""
-    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    saved = capture_rng()
     seed_everything(seed)
     try:
         yield
     finally:
-        random.setstate(saved[0]), np.random.set_state(saved[1]), torch.set_rng_state(saved[2])
+        restore_rng(*saved)
 
 
 def _distributed() -> tuple[int, int]:
