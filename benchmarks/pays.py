@@ -33,12 +33,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fashion import SYSTEM_DATA, MissingDataError, as_input, load_splits, write_folder
 from pays_loop import Settings, accuracy, max_logit_diff, train
+from pays_report import MEASURED, RESULTS_DIR, write_report
 
 import convert
 import dynconv
 from convert.analyze import analyze
 
-RESULTS = Path(__file__).parent / "results"
 KINDS = ("condconv", "dyconv", "dynet", "dcd", "odconv")
 BN_MOMENTUM = 0.1  # every BatchNorm's running-statistics momentum (PyTorch's default)
 BASE_SETTINGS = Settings(opt="sgd", lr_mult=5.0, warmup=0.05, batch_size=128)  # from scratch: SGD lr 0.1
@@ -295,7 +295,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("mode", choices=("sweep", "final", "report"))
     parser.add_argument("--data", type=Path, default=SYSTEM_DATA, help="folder with the Fashion-MNIST idx files")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "dynconv-pays")
-    parser.add_argument("--results", type=Path, default=RESULTS, help="folder of the JSON files and pays.md")
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of the JSON files and pays.md")
     parser.add_argument("--model", default="mobilenet_v3_small")
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--train-size", type=int, default=4000, help="subsample the training set (after val)")
@@ -320,9 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.mode == "report":
-        from pays_report import MEASURED, write_report
-
-        committed = args.results.resolve() == RESULTS.resolve()  # only the committed records feed `dynconv kinds`
+        committed = args.results.resolve() == RESULTS_DIR.resolve()  # only the committed records feed `dynconv kinds`
         write_report(args.results, MEASURED if committed else args.results / "measured.py")
         return 0
     try:

@@ -46,11 +46,17 @@ def final_records(results: Path) -> tuple[list[dict], dict | None]:
     return records, base
 
 
+def by_kind_and_seed(records: list[dict]) -> dict[str, dict[int, dict]]:
+    """``kind -> seed -> record``: the arms of a final run, each seed paired with static's."""
+    grouped: dict[str, dict[int, dict]] = defaultdict(dict)
+    for r in records:
+        grouped[r["kind"]][r["seed"]] = r
+    return grouped
+
+
 def final_table(records: list[dict]) -> list[str]:
     """Mean ± std test accuracy over seeds per arm, the paired difference to static, time per epoch."""
-    by_kind: dict[str, dict[int, dict]] = defaultdict(dict)
-    for r in records:
-        by_kind[r["kind"]][r["seed"]] = r
+    by_kind = by_kind_and_seed(records)
     static = by_kind.get("static", {})
     lines = [
         "| model | settings | seeds | test accuracy % (mean ± std) | Δ vs static continued "
@@ -105,9 +111,7 @@ def target_lines(records: list[dict], kind: str = DEFAULT_KIND) -> list[str]:
 
 def kind_lines(records: list[dict], setup: dict) -> dict[str, str]:
     """Per kind, one sentence for ``dynconv kinds``: its test accuracy against static continued, and its cost."""
-    by_kind: dict[str, dict[int, dict]] = defaultdict(dict)
-    for r in records:
-        by_kind[r["kind"]][r["seed"]] = r
+    by_kind = by_kind_and_seed(records)
     static = by_kind.get("static", {})
     lines = {}
     for kind, runs in by_kind.items():
