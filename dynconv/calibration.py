@@ -60,15 +60,9 @@ def _refusal(layer: DynamicConv2d) -> str | None:
         return f"{layer.kind} has no routing over experts to calibrate"
     if layer.standardize is not None:
         return "weight-standardised experts: the standardised mean is not the mean of the standardised experts"
-    if any(bool(p.detach().abs().sum()) for p in _zeroed_parameters(layer)):
+    if any(bool(p.detach().abs().sum()) for p in layer.router.zeroed_parameters()):
         return "its router is already trained (not zero), so the routing is left as it is"
     return None
-
-
-def _zeroed_parameters(layer: DynamicConv2d) -> list[Tensor]:
-    heads = getattr(layer.router, "heads", None)
-    linears = heads() if heads is not None else [routing_head(layer)[0]]  # type: ignore[index]
-    return [p for head in linears for p in (head.weight, head.bias) if p is not None]
 
 
 def _logit_weights(features: Tensor, count: int, spread: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:

@@ -40,6 +40,12 @@ class Router(nn.Module):
         (``"softmax"`` or ``"pairs"``), for :func:`dynconv.calibrate_routing`; ``None``: no such routing."""
         return None
 
+    def zeroed_parameters(self) -> list[nn.Parameter]:
+        """The parameters ``zero_()`` sets to zero: all zero means the router is untrained. Default: the
+        calibration head's weight and bias."""
+        found = self.calibration_head()
+        return [] if found is None else [p for p in (found[0].weight, found[0].bias) if p is not None]
+
 
 def global_pool(x: Tensor) -> Tensor:
     """``[B, C, H, W] -> [B, C]`` average, memory-format agnostic."""

@@ -194,6 +194,10 @@ class OmniRouter(Router):
         """The kernel attention (a softmax over the experts); the sigmoid attentions stay at 1/2."""
         return None if self.kernel is None else (self.kernel, "softmax")
 
+    def zeroed_parameters(self) -> list[nn.Parameter]:
+        """Every head's weight and bias (the sigmoid attentions too)."""
+        return [p for head in self.heads() for p in (head.weight, head.bias)]
+
     def zero_(self) -> OmniRouter:
         """Zero every head; ``fc`` keeps random features so the heads get gradients at once."""
         for head in self.heads():
