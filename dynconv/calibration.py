@@ -31,11 +31,15 @@ from torch import Tensor, nn
 
 from .inspection import dynamic_layers
 from .layers.base import DynamicConv2d
+from .layers.registry import layer_class
+from .routing import RoutingHead
 
 #: Standard deviation of each routing logit over the calibration batch (after the temperature).
 DEFAULT_SPREAD = 1.0
 #: Principal components of the router's input that the logits are random mixtures of.
 COMPONENTS = 8
+#: Training batches ``dynconv finetune`` calibrates on when the model's kinds ask for it (the benchmark's setting).
+DEFAULT_CALIBRATION_BATCHES = 4
 
 
 @dataclass
@@ -47,8 +51,18 @@ class CalibrationReport:
     samples: int = 0
 
 
-def routing_head(layer: DynamicConv2d) -> tuple[nn.Linear, str] | None:
-    """The linear layer giving ``layer``'s expert logits and how they are normalised (``softmax``/``pairs``)."""
+def default_calibration_batches(kinds: Iterable[str]) -> int:
+    """Batches to calibrate on when nobody said: :data:`DEFAULT_CALIBRATION_BATCHES` if there are dynamic layers and
+    every one's kind calibrates by default (CondConv), else 0 (a model mixing kinds keeps uniform routing and any
+    temperature annealing)."""
+    kinds = set(kinds)
+    if kinds and all(layer_class(kind).calibrates_by_default for kind in kinds):
+        return DEFAULT_CALIBRATION_BATCHES
+    return 0
+
+
+def routing_head(layer: DynamicConv2d) -> RoutingHead | None:
+    """Where ``layer``'s expert logits come from and how they are normalised (``softmax``/``pairs``)."""
     head = getattr(layer.router, "calibration_head", None)
     return None if head is None else head()
 
@@ -96,8 +110,9 @@ def _average_experts(layers: list[DynamicConv2d], style: str) -> None:
                     bank[first : first + 2] = bank[first : first + 2].mean(0, keepdim=True)
 
 
-def _set_head(head: nn.Linear, style: str, features: Tensor, spread: float, generator: torch.Generator) -> None:
-    count = head.out_features if style == "softmax" else head.out_features // 2
+def _set_head(head: RoutingHead, features: Tensor, spread: float, generator: torch.Generator) -> None:
+    style, rows = head.style, head.weight.shape[0]
+    count = rows if style == "softmax" else rows // 2
     weight, bias = _logit_weights(features, count, spread, generator)
     if style == "pairs":  # rows 2j and 2j+1 give z and -z; an odd last expert keeps its zero row
         weight = torch.stack([weight, -weight], 1).reshape(-1, weight.shape[1])
@@ -137,8 +152,8 @@ def calibrate_routing(
     features: dict[int, list[Tensor]] = {key: [] for key in groups}
     handles = []
     for key, members in groups.items():
-        head, _ = routing_head(members[0][1])
-        handles.append(head.register_forward_hook(lambda _m, args, _out, key=key: features[key].append(args[0])))
+        module = routing_head(members[0][1]).module
+        handles.append(module.register_forward_hook(lambda _m, args, _out, key=key: features[key].append(args[0])))
     was_training = model.training
     model.eval()
     try:
@@ -154,18 +169,18 @@ def calibrate_routing(
     generator = torch.Generator().manual_seed(seed)
     for key, members in groups.items():
         layer = members[0][1]
-        head, style = routing_head(layer)
+        head = routing_head(layer)
         temperature = getattr(layer.router, "temperature", None)
         if not features[key]:
             report.skipped.update({name: "it did not run on the calibration batches" for name, _ in members})
             continue
         try:
-            _set_head(head, style, torch.cat(features[key]).flatten(1).cpu(), spread, generator)
+            _set_head(head, torch.cat(features[key]).flatten(1).cpu(), spread, generator)
         except ValueError as exc:
             report.skipped.update({name: str(exc) for name, _ in members})
             continue
         if temperature is not None:
             temperature.fill_(1.0)
-        _average_experts([member for _, member in members], style)
-        report.calibrated.update({name: style for name, _ in members})
+        _average_experts([member for _, member in members], head.style)
+        report.calibrated.update({name: head.style for name, _ in members})
     return report

@@ -58,6 +58,8 @@ def finetuned(converted, digits, tmp_path_factory) -> Path:
         0.05,
         "--router-lr-scale",
         10,
+        "--calibrate-routing",  # from uniform routing, as converted: has it moved? (calibration: test_calibration.py)
+        0,
     ]
     trained = run("finetune", converted[0], digits, "--output", out, *args)
     assert trained.exit_code == 0, trained.stderr

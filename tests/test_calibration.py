@@ -19,7 +19,7 @@ from torch import nn
 
 import convert
 import dynconv
-from dynconv.calibration import calibrate_routing
+from dynconv.calibration import DEFAULT_CALIBRATION_BATCHES, calibrate_routing, default_calibration_batches
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 from routing_learns import digits, fine_tune, pretrained, routing_metrics
@@ -121,8 +121,7 @@ def test_the_experts_separate_at_the_first_step_and_the_routers_then_learn(task,
         optimizer.zero_grad()
         loss.backward()
         if step == 1:  # the experts differ now, so the router's output head has a gradient
-            head, _ = layer.router.calibration_head()
-            assert head.weight.grad.abs().max() > 0
+            assert layer.router.calibration_head().module.weight.grad.abs().max() > 0
         optimizer.step()
         if step == 0:
             assert (layer.weight[0] - layer.weight[1]).abs().max() > 0
@@ -138,7 +137,7 @@ def test_fine_tuning_from_calibrated_routing_moves_it_far_more_than_from_uniform
     assert 1 - calibrated["entropy_after"] > 100 * (1 - plain["entropy_after"])
 
 
-def test_finetune_calibrates_fresh_routers_and_analyze_reads_the_routing_off_uniform(tmp_path) -> None:
+def test_finetune_calibrates_condconv_by_default_and_analyze_reads_the_routing_off_uniform(tmp_path) -> None:
     from digits import write_digits
     from typer.testing import CliRunner
 
@@ -151,9 +150,10 @@ def test_finetune_calibrates_fresh_routers_and_analyze_reads_the_routing_off_uni
     base = convert.build_model("resnet18", num_classes=10)
     result = convert.convert_model(base, kind="condconv", input_size=32, exclude=["layer3.*", "layer4.*"])
     checkpoint = convert.save_checkpoint(result, tmp_path / "condconv.safetensors")
-    config = TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=1, calibrate_routing=2, sched="none")
+    config = TrainConfig(epochs=1, batch_size=16, max_steps_per_epoch=1, sched="none")  # CondConv's default
     finetune(checkpoint, data, tmp_path / "tuned.safetensors", config)
-    assert convert.read_metadata(tmp_path / "tuned.safetensors")["training"]["config"]["calibrate_routing"] == 2
+    recorded = convert.read_metadata(tmp_path / "tuned.safetensors")["training"]["config"]["calibrate_routing"]
+    assert recorded == DEFAULT_CALIBRATION_BATCHES == 4
     uniform, tuned = analyze(checkpoint, data).layers, analyze(tmp_path / "tuned.safetensors", data).layers
     assert all(s.entropy == pytest.approx(1.0, abs=1e-9) and not s.class_ratio for s in uniform)
     entropies = [s.entropy for s in tuned]
@@ -180,3 +180,23 @@ def test_a_layer_the_batches_never_reach_is_left_uniform_and_said(task) -> None:
     report = calibrate_routing(WithAuxiliary(), [images[:64]])
     assert report.skipped[f"unused.{first}"] == "it did not run on the calibration batches"
     assert f"main.{first}" in report.calibrated
+
+
+def test_calibration_by_default_follows_the_models_kinds(task) -> None:
+    from convert.finetune import TrainConfig
+    from convert.finetune.loop import with_calibration_default
+
+    static, _, _ = task
+    assert default_calibration_batches(["condconv"]) == DEFAULT_CALIBRATION_BATCHES
+    assert default_calibration_batches(["condconv", "dyconv"]) == 0  # mixed: DyConv keeps its annealing
+    assert default_calibration_batches(["dyconv"]) == default_calibration_batches([]) == 0
+    for cls in dynconv.layers.LAYERS.values():  # calibration fixes the temperature at 1: no annealing kind may ask
+        assert not (cls.calibrates_by_default and cls.temperature_annealing is not None), cls.kind
+    defaults = TrainConfig()
+    assert defaults.calibrate_routing is None
+    condconv, dynet = converted(static, "condconv", experts=4), converted(static, "dynet", experts=4)
+    assert with_calibration_default(defaults, condconv).calibrate_routing == 4
+    assert with_calibration_default(defaults, dynet).calibrate_routing == 0
+    assert with_calibration_default(defaults, static).calibrate_routing == 0
+    assert with_calibration_default(TrainConfig(calibrate_routing=0), condconv).calibrate_routing == 0
+    assert with_calibration_default(TrainConfig(calibrate_routing=2), dynet).calibrate_routing == 2

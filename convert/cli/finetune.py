@@ -58,7 +58,7 @@ def finetune_cmd(
     model_ema: Annotated[bool, _o("model_ema", "--model-ema")] = default("model_ema"),
     model_ema_decay: Annotated[float, _o("model_ema_decay")] = default("model_ema_decay"),
     temperature_epochs: Annotated[float, _o("temperature_epochs")] = default("temperature_epochs"),
-    calibrate_routing: Annotated[int, _o("calibrate_routing")] = default("calibrate_routing"),
+    calibrate_routing: Annotated[int | None, _o("calibrate_routing")] = default("calibrate_routing"),
     router_warmup_epochs: Annotated[int, _o("router_warmup_epochs")] = default("router_warmup_epochs"),
     router_lr_scale: Annotated[float | None, _o("router_lr_scale")] = default("router_lr_scale"),
     max_steps: Annotated[int | None, _o("max_steps_per_epoch", "--max-steps")] = default("max_steps_per_epoch"),
@@ -83,7 +83,8 @@ def finetune_cmd(
     Router temperature: only kinds that declare an annealing anneal it over --temperature-epochs
     (DyConv: 30 -> 1); the others (ODConv, DCD, CondConv, DyNet) keep the temperature they were converted with.
     With --calibrate-routing N the fresh routers are set from N training batches first (input-dependent
-    routing, the same function) and nothing anneals.
+    routing, the same function) and nothing anneals; by default a model whose dynamic layers are all
+    CondConv is calibrated on 4 batches, any other starts from uniform routing.
     """
     from ..finetune import Reporter, finetune
 

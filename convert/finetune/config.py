@@ -5,8 +5,11 @@ best on its validation split for every kind and for the static model: AdamW, lea
 5e-4, weight decay 5e-5 (not on norms and biases), a cosine schedule with a one-epoch linear
 warm-up, per step. SGD-momentum (lr 0.02 there; ``--opt momentum --lr 0.02``) was 0.2-0.5 points
 behind it on every kind there, and no kind diverged under AdamW. Calibrated routing
-(``calibrate_routing``) is off: on that validation split it scored 0.06-0.18 points below the
-uniform start for every kind at 4,000 training images and +0.08 for CondConv at 20,000 (one seed each).
+(``calibrate_routing``) is each kind's: on for CondConv, whose calibrated arm was its best on that
+validation split at 20,000 training images (+0.08 points; one seed, within the seeds' spread) and
+whose routing it makes image-dependent; off for the others, which scored 0.14-0.18 points below
+the uniform start at 4,000 and whose softmax routing collapsed onto one expert from it
+(benchmarks/results/routing_learns.md).
 """
 
 from __future__ import annotations
@@ -51,10 +54,11 @@ class TrainConfig:
     temperature_epochs: float = _opt(
         10.0, "epochs over which kinds that anneal their router temperature do so (DyConv: 30 -> 1); others keep theirs"
     )
-    calibrate_routing: int = _opt(
-        0,
+    calibrate_routing: int | None = _opt(
+        None,
         "training batches that set fresh routers from the data before the first step (dynconv.calibrate_routing: "
-        "input-dependent routing, same function, no temperature annealing); 0: routing starts uniform",
+        "input-dependent routing, same function, no temperature annealing); 0: routing starts uniform; "
+        "default: each kind's (4 when every dynamic layer is CondConv, else 0)",
     )
     router_warmup_epochs: int = _opt(0, "first epochs train the routers only")
     router_lr_scale: float | None = _opt(

@@ -15,7 +15,7 @@ import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 import dynconv
+from dynconv.calibration import default_calibration_batches
 from dynconv.temperature import annealed_buffers, annealed_kinds
 
 from ..errors import WorkFailedError
@@ -102,6 +103,14 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def with_calibration_default(config: TrainConfig, model: nn.Module) -> TrainConfig:
+    """``config`` with ``calibrate_routing`` resolved from ``model``'s kinds where it was left to them (``None``)."""
+    if config.calibrate_routing is not None:
+        return config
+    kinds = (layer.kind for layer in dynconv.dynamic_layers(model).values())
+    return replace(config, calibrate_routing=default_calibration_batches(kinds))
+
+
 def calibrate(model: nn.Module, train_set: Dataset, config: TrainConfig, device: torch.device) -> dict | None:
     """:func:`dynconv.calibrate_routing` on ``config.calibrate_routing`` training batches (seeded, the same on
     every rank); ``None`` when off, else how many layers were calibrated and left alone."""
@@ -153,6 +162,7 @@ def train_model(
 ) -> RunState:
     """Train ``model`` (static or converted) for ``config.epochs``; resumable from a saved state."""
     check_config(config)
+    config = with_calibration_default(config, model)
     hooks = hooks or Hooks()
     rank, world = _distributed()
     device = _device()

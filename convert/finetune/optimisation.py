@@ -99,7 +99,7 @@ def check_config(config: TrainConfig) -> None:
         raise UserError(f"epochs and batch size must be at least 1, got {config.epochs} and {config.batch_size}")
     if not 0 < config.crop_min <= 1:
         raise UserError(f"--crop-min is an area share in (0, 1], got {config.crop_min}")
-    if config.calibrate_routing < 0:
+    if config.calibrate_routing is not None and config.calibrate_routing < 0:
         raise UserError(f"--calibrate-routing is a number of batches, at least 0, got {config.calibrate_routing}")
     if (config.mixup > 0 or config.cutmix > 0) and config.batch_size % 2:
         raise UserError(f"mixup and cutmix need an even batch size, got {config.batch_size}")

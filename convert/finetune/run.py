@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,7 @@ from ..errors import UserError, check_output_path
 from ..heads import replace_head
 from .config import TrainConfig
 from .data import image_folder_splits
-from .loop import EpochLog, Hooks, RunState, train_model
+from .loop import EpochLog, Hooks, RunState, train_model, with_calibration_default
 from .optimisation import check_config
 from .state import TrainingState, read_sidecar, read_sidecar_info, sidecar_path, write_sidecar
 
@@ -72,6 +72,9 @@ def finetune(
                 "or start over with --force"
             )
     net = load_checkpoint(checkpoint, model=model)
+    if saved is not None and config.calibrate_routing is None:  # left to the kinds: as the run started
+        config = replace(config, calibrate_routing=saved.info["config"].get("calibrate_routing", 0))
+    config = with_calibration_default(config, net)
     prep = checkpoint_preprocessing(checkpoint, net)
     size = config.image_size or prep.input_size[1]
     train_set, val_set, classes = image_folder_splits(
@@ -149,8 +152,11 @@ def resumable_state(output: Path, config: TrainConfig, source_digest: str | None
         raise UserError(f"{output}'s run started from another checkpoint (its digest differs); resume with that one")
     # settings added after a run started (calibrate_routing, augment, crop_min) count as their defaults
     before = {**json.loads(json.dumps(TrainConfig().recorded())), **info["config"]}
-    if before != json.loads(json.dumps(config.recorded())):
-        changed = ", ".join(f"{k}={before.get(k)!r}" for k, v in config.recorded().items() if before.get(k) != v)
+    mine = json.loads(json.dumps(config.recorded()))
+    if mine["calibrate_routing"] is None:  # left to the kinds: the run decided it when it started
+        mine["calibrate_routing"] = before["calibrate_routing"]
+    if before != mine:
+        changed = ", ".join(f"{k}={before.get(k)!r}" for k, v in mine.items() if before.get(k) != v)
         raise UserError(f"{output} was trained with other settings ({changed}); resume with the same ones")
     return read_sidecar(sidecar)
 

@@ -77,6 +77,9 @@ class DynamicConv2d(nn.Module):
     #: moved the routing and tied static; benchmarks/results/pays.md); Adam-type steps do not scale with the gradient,
     #: and 10x or 30x there was no better on validation. CondConv declares its own.
     router_lr_multipliers: ClassVar[dict[str, float]] = {"sgd": 30.0, "adam": 1.0, "trust": 1.0}
+    #: Whether ``dynconv finetune`` calibrates this kind's fresh routers by default (:mod:`dynconv.calibration`),
+    #: as its benchmark chose on validation. A kind that anneals its temperature must not: calibration fixes it at 1.
+    calibrates_by_default: ClassVar[bool] = False
 
     def __init__(
         self,
