@@ -36,16 +36,29 @@ RESULTS = Path(__file__).parent / "results" / "collapse.md"
 SIZE = 32
 
 
-def ort_ms(models: dict[str, torch.nn.Module], folder: Path, rounds: int) -> dict[str, float]:
+def ort_ms(models: dict[str, torch.nn.Module], folder: Path, rounds: int, size: int = SIZE) -> dict[str, float]:
     """Median ms per batch-1 run in ONNX Runtime (BatchNorm folded), the models interleaved in every round."""
-    feed = {"input": torch.randn(1, 3, SIZE, SIZE).numpy()}
+    feed = {"input": torch.randn(1, 3, size, size).numpy()}
     sessions: dict[str, ort.InferenceSession] = {}
     for name, model in models.items():
         path = folder / f"{name}.onnx"
-        convert.export_onnx(model, path, batch=1, input_shape=(3, SIZE, SIZE), fold_bn=True, overwrite=True)
+        convert.export_onnx(model, path, batch=1, input_shape=(3, size, size), fold_bn=True, overwrite=True)
         sessions[name] = session(path)
     calls = {name: (lambda s=s: s.run(None, {s.get_inputs()[0].name: feed["input"]})) for name, s in sessions.items()}
     return time_rounds(calls, rounds, 0.4)
+
+
+def plan_table(collapsed: convert.CollapseResult) -> list[str]:
+    """The "## Plan" section: per layer, its routing spread, the drop its collapse causes, and the decision."""
+    header = "| layer | routing spread | accuracy drop alone | cumulative | saves (ms) | decision |"
+    lines = ["", "## Plan", "", header, "|---|---|---|---|---|---|"]
+    for p in collapsed.layers:
+        decision = "collapsed" if p.collapsed else f"kept ({p.reason})"
+        cumulative = "—" if p.cumulative is None else f"{p.cumulative:.3g}"
+        saved = "—" if p.saved_ms is None else f"{p.saved_ms:.3f}"
+        error = "—" if p.error is None else f"{p.error:.3g}"
+        lines.append(f"| {p.name} | {p.spread:.3g} | {error} | {cumulative} | {saved} | {decision} |")
+    return [*lines, "", collapsed.summary(), ""]
 
 
 def main() -> None:
@@ -121,16 +134,7 @@ def main() -> None:
             f"| {name} | {counts[name]} | {100 * accuracy[name]:.2f}% | {ms[name]:.3f} | "
             f"{ms[name] / ms['static']:.2f}x | {ms[name] / ms['uncollapsed']:.2f}x |"
         )
-    header = "| layer | routing spread | accuracy drop alone | cumulative | saves (ms) | decision |"
-    lines += ["", "## Plan", "", header]
-    lines.append("|---|---|---|---|---|---|")
-    for p in collapsed.layers:
-        decision = "collapsed" if p.collapsed else f"kept ({p.reason})"
-        cumulative = "—" if p.cumulative is None else f"{p.cumulative:.3g}"
-        saved = "—" if p.saved_ms is None else f"{p.saved_ms:.3f}"
-        error = "—" if p.error is None else f"{p.error:.3g}"
-        lines.append(f"| {p.name} | {p.spread:.3g} | {error} | {cumulative} | {saved} | {decision} |")
-    lines += ["", collapsed.summary(), ""]
+    lines += plan_table(collapsed)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
 

@@ -39,8 +39,10 @@ from .surgery import build_layer, get_module, replace_all
 from .weights import with_module_versions
 
 #: 2 adds ``sharing`` (routers shared per block) and ``head`` (a new classifier head);
-#: format 1 files still load (no sharing, the original head).
-FORMAT_VERSION = 2
+#: format 1 files still load (no sharing, the original head). 3: ODConv's and DCD's router heads
+#: are one linear layer (``router.head``, one GEMM); their separate format-2 heads are stacked on
+#: load (:func:`dynconv.routing.stack_legacy_heads`), so older files still load.
+FORMAT_VERSION = 3
 METADATA_KEY = "dynconv"
 #: Tensors under this prefix hold optional training state (optimizer buffers), not the model.
 TRAINING_PREFIX = "__training__."

@@ -55,13 +55,12 @@ def _dcd_kernel(layer: DCDConv2d, routing: Tensor) -> tuple[Tensor, Tensor | Non
 
 def _odconv_kernel(layer: ODConv2d, routing: Tensor) -> tuple[Tensor, Tensor | None]:
     """``sum_i a_w,i a_f a_c a_s W_i`` at routing ``[kernel (n), channel (C_in), filter?, spatial?]``."""
-    router = layer.router
-    sizes = [layer.experts, layer.in_channels]
-    sizes += [h.out_features for h in (router.filter, router.spatial) if h is not None]
+    heads = layer.router.head.sizes
+    sizes = [layer.experts, layer.in_channels] + [heads[name] for name in ("filter", "spatial") if name in heads]
     parts = list(torch.split(routing, sizes))
     kernel, channel = parts[0], parts[1]
-    filt = parts.pop(2) if router.filter is not None else None
-    spatial = parts[2] if router.spatial is not None else None
+    filt = parts.pop(2) if "filter" in heads else None
+    spatial = parts[2] if "spatial" in heads else None
     weight = (kernel[:, None, None, None, None] * layer.weight.double()).sum(0, keepdim=True)
     batch = (None if filt is None else filt[None], channel[None], None if spatial is None else spatial[None])
     for factor in kernel_factors(batch[0], batch[1], batch[2], weight, layer.groups):

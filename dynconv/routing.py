@@ -9,7 +9,7 @@ computing exactly what the original convolution did.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -35,16 +35,78 @@ class Router(nn.Module):
     def uniform_total(self) -> float:
         raise NotImplementedError
 
-    def calibration_head(self) -> tuple[nn.Linear, str] | None:
-        """The linear layer whose outputs are the expert logits, and their normalisation
-        (``"softmax"`` or ``"pairs"``), for :func:`dynconv.calibrate_routing`; ``None``: no such routing."""
+    def calibration_head(self) -> RoutingHead | None:
+        """Where the expert logits come from, for :func:`dynconv.calibrate_routing`; ``None``: no such routing."""
         return None
 
-    def zeroed_parameters(self) -> list[nn.Parameter]:
-        """The parameters ``zero_()`` sets to zero: all zero means the router is untrained. Default: the
-        calibration head's weight and bias."""
+    def zeroed_parameters(self) -> list[Tensor]:
+        """The parameters (or rows of them) ``zero_()`` sets to zero: all zero means the router is untrained.
+        Default: the calibration head's weight and bias."""
         found = self.calibration_head()
-        return [] if found is None else [p for p in (found[0].weight, found[0].bias) if p is not None]
+        return [] if found is None else [p for p in (found.weight, found.bias) if p is not None]
+
+
+class RoutingHead(NamedTuple):
+    """A router's expert logits: the ``weight`` and ``bias`` rows (views) of the linear layer ``module`` that computes
+    them from its input, and their normalisation, ``"softmax"`` or ``"pairs"`` (CondConv's sigmoid experts in pairs)."""
+
+    module: nn.Module
+    weight: Tensor
+    bias: Tensor | None
+    style: str
+
+    @classmethod
+    def of(cls, linear: nn.Linear, style: str) -> RoutingHead:
+        """Every output of ``linear`` is a logit."""
+        return cls(linear, linear.weight, linear.bias, style)
+
+
+class SplitLinear(nn.Linear):
+    """Several linear heads on the same features as one layer: their weight rows stacked, the product split.
+
+    One GEMM (one ``Gemm`` in an exported graph) instead of one per head. ``sizes`` names the
+    heads in order (a head of size 0 is left out); :meth:`rows` gives a head's weight and bias
+    as views, and the layer initialises as separate ``nn.Linear`` heads would (same fan-in).
+    """
+
+    def __init__(self, in_features: int, sizes: dict[str, int]) -> None:
+        self.sizes = {name: size for name, size in sizes.items() if size}
+        super().__init__(in_features, sum(self.sizes.values()))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.sizes
+
+    def rows(self, name: str) -> tuple[Tensor, Tensor]:
+        """``(weight, bias)`` of head ``name``: views of this layer's parameters."""
+        names = list(self.sizes)
+        start = sum(self.sizes[other] for other in names[: names.index(name)])
+        stop = start + self.sizes[name]
+        return self.weight[start:stop], self.bias[start:stop]
+
+    def forward(self, x: Tensor, divisor: Tensor | None = None) -> dict[str, Tensor]:  # type: ignore[override]
+        """Each head's output by name; ``divisor`` (a temperature) divides them all in one pass."""
+        out = super().forward(x)
+        if divisor is not None:
+            out = out / divisor
+        parts = out.split(list(self.sizes.values()), dim=1)
+        return {name: parts[i] for i, name in enumerate(self.sizes)}
+
+
+def stack_legacy_heads(module: nn.Module, attr: str, legacy: dict[str, str]) -> None:
+    """Let ``module`` load state written when its ``SplitLinear`` ``attr`` was one ``nn.Linear`` per head.
+
+    ``legacy`` maps each head's name to the submodule that held it (checkpoint format 2): such
+    weights and biases are stacked into ``attr`` on load, so old checkpoints and state dicts load.
+    """
+
+    def hook(state: dict[str, Tensor], prefix: str, *_args: object) -> None:
+        heads: SplitLinear = getattr(module, attr)
+        for part in ("weight", "bias"):
+            old = [f"{prefix}{legacy[name]}.{part}" for name in heads.sizes]
+            if f"{prefix}{attr}.{part}" not in state and all(key in state for key in old):
+                state[f"{prefix}{attr}.{part}"] = torch.cat([state.pop(key) for key in old])
+
+    module._register_load_state_dict_pre_hook(hook)
 
 
 def global_pool(x: Tensor) -> Tensor:
@@ -73,8 +135,8 @@ class SigmoidRouter(Router):
     def uniform_total(self) -> float:
         return 0.5 * self.fc.out_features
 
-    def calibration_head(self) -> tuple[nn.Linear, str]:
-        return self.fc, "pairs"
+    def calibration_head(self) -> RoutingHead:
+        return RoutingHead.of(self.fc, "pairs")
 
     def zero_(self) -> SigmoidRouter:
         nn.init.zeros_(self.fc.weight)
@@ -116,8 +178,8 @@ class SoftmaxRouter(Router):
     def uniform_total(self) -> float:
         return 1.0
 
-    def calibration_head(self) -> tuple[nn.Linear, str]:
-        return self.fc2, "softmax"
+    def calibration_head(self) -> RoutingHead:
+        return RoutingHead.of(self.fc2, "softmax")
 
     def zero_(self) -> SoftmaxRouter:
         """Zero the output layer only: ``fc1`` keeps random features so ``fc2`` gets gradients."""
@@ -159,8 +221,8 @@ class ChannelRouter(Router):
     def uniform_total(self) -> float:
         return 1.0
 
-    def calibration_head(self) -> tuple[nn.Linear, str]:
-        return self.fc, "softmax"
+    def calibration_head(self) -> RoutingHead:
+        return RoutingHead.of(self.fc, "softmax")
 
     def zero_(self) -> ChannelRouter:
         """Zero the output layer only: a bottleneck keeps random features so ``fc`` gets gradients."""

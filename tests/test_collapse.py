@@ -15,7 +15,7 @@ from torch import nn
 
 import convert
 import dynconv
-from convert.checkpoint import read_metadata
+from convert.checkpoint import FORMAT_VERSION, read_metadata
 from convert.collapse_kernels import collapsed_conv
 from convert.verify import difference
 
@@ -106,7 +106,7 @@ def test_keep_n_keeps_the_layers_whose_routing_varies_most(routed) -> None:
 def test_the_collapsed_checkpoint_round_trips_and_records_its_collapsed_layers(budget_zero, tmp_path) -> None:
     path = convert.save_checkpoint(budget_zero.model, tmp_path / "collapsed.safetensors")
     meta = read_metadata(path)
-    assert meta["collapsed"] == [CONSTANT] and meta["format_version"] == 2
+    assert meta["collapsed"] == [CONSTANT] and meta["format_version"] == FORMAT_VERSION
     assert [r["names"] for r in meta["layers"]] == [[n] for n in LAYERS[1:]]
     loaded = convert.load_checkpoint(path)  # rebuilt by name, digest checked
     assert type(loaded.get_submodule(CONSTANT)) is nn.Conv2d

@@ -27,7 +27,7 @@ from ..core.scope import allowed_strategies, note_strategy
 from ..experts import DEFAULT_NOISE
 from ..functional import dynamic_conv2d
 from ..geometry import ConvGeometry, Padding
-from ..routing import Router, global_pool
+from ..routing import Router, SplitLinear, global_pool, stack_legacy_heads
 from ..standardization import WeightStandardization
 from .base import TF_SAME, DynamicConv2d
 from .registry import register
@@ -47,6 +47,8 @@ def default_latent(channels_per_group: int) -> int:
 class DCDRouter(Router):
     """GAP -> linear -> ReLU -> two heads: ``Lambda = 2 sigmoid(.)`` (``[B, C_out]``) and ``Phi`` (``[B, g, L, L]``).
 
+    Both heads are one linear layer (``head``, a :class:`~dynconv.routing.SplitLinear`: one
+    GEMM); checkpoints of format 2 kept them apart (``scale_head``, ``phi_head``) and load into it.
     No BatchNorm, so batch size 1 trains. Zeroed heads give ``Lambda = 1`` exactly
     (``2 * sigmoid(0)``) and ``Phi = 0``, which is how a converted layer starts exact;
     the hidden layer keeps its random features so the heads get gradients at once.
@@ -57,22 +59,21 @@ class DCDRouter(Router):
         self.groups = groups
         self.latent = latent
         self.fc = nn.Linear(in_channels, hidden)
-        self.scale_head = nn.Linear(hidden, out_channels)
-        self.phi_head = nn.Linear(hidden, groups * latent * latent)
+        self.head = SplitLinear(hidden, {"scale": out_channels, "phi": groups * latent * latent})
+        stack_legacy_heads(self, "head", {"scale": "scale_head", "phi": "phi_head"})
 
     def uniform_total(self) -> float:
         return 1.0  # Lambda = 1 once zeroed: the static kernel needs no rescaling
 
     def zero_(self) -> DCDRouter:
-        for head in (self.scale_head, self.phi_head):
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
         return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        hidden = F.relu(self.fc(global_pool(x)))
-        scale = 2.0 * torch.sigmoid(self.scale_head(hidden))
-        phi = self.phi_head(hidden).reshape(-1, self.groups, self.latent, self.latent)  # batch stays symbolic
+        out = self.head(F.relu(self.fc(global_pool(x))))
+        scale = 2.0 * torch.sigmoid(out["scale"])
+        phi = out["phi"].reshape(-1, self.groups, self.latent, self.latent)  # batch stays symbolic
         return scale, phi
 
 

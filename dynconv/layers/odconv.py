@@ -27,7 +27,7 @@ from ..core.scope import note_strategy
 from ..experts import DEFAULT_EXPERTS, DEFAULT_NOISE
 from ..functional import dynamic_conv2d
 from ..geometry import ConvGeometry, Padding
-from ..routing import Router, global_pool
+from ..routing import Router, RoutingHead, SplitLinear, global_pool, stack_legacy_heads
 from ..standardization import WeightStandardization, standardized_bank, standardized_upcycle
 from ..step_matching import matched_multiplier
 from .base import TF_SAME, DynamicConv2d
@@ -148,16 +148,20 @@ torch.fx.wrap("omni_conv2d")  # a leaf call for torch.fx: it branches on shapes
 
 
 class OmniRouter(Router):
-    """GAP -> linear -> ReLU -> up to four heads, each divided by the temperature; no BatchNorm.
+    """GAP -> linear -> ReLU -> up to four heads in one linear layer, each divided by the temperature; no BatchNorm.
 
-    Heads: ``channel`` (``C_in``, sigmoid) always; ``filter`` (``C_out``, sigmoid) unless
-    the conv is depthwise; ``spatial`` (``kH * kW``, sigmoid) unless the kernel is 1x1;
-    ``kernel`` (``n``, softmax) unless there is one expert. Zeroed heads give 1/2 per
-    sigmoid and 1/n per expert for every input, so :meth:`uniform_total` is
-    ``2 ** -(number of sigmoid heads)``: the experts are scaled by its inverse.
+    Heads (``head``, a :class:`~dynconv.routing.SplitLinear`: one GEMM for all of them):
+    ``channel`` (``C_in``, sigmoid) always; ``filter`` (``C_out``, sigmoid) unless the conv is
+    depthwise; ``spatial`` (``kH * kW``, sigmoid) unless the kernel is 1x1; ``kernel`` (``n``,
+    softmax) unless there is one expert. Zeroed heads give 1/2 per sigmoid and 1/n per expert
+    for every input, so :meth:`uniform_total` is ``2 ** -(number of sigmoid heads)``: the
+    experts are scaled by its inverse. Checkpoints of format 2 kept one ``nn.Linear`` per head
+    (``router.channel``, ...); they load into ``head``.
     """
 
     sums_to_one = True  # the kernel attention (the only routing that mixes experts and bias) is a softmax
+    #: The heads in the order their rows are stacked.
+    HEADS = ("channel", "filter", "spatial", "kernel")
 
     def __init__(
         self,
@@ -173,49 +177,48 @@ class OmniRouter(Router):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         self.fc = nn.Linear(in_channels, hidden)
-        self.channel = nn.Linear(hidden, in_channels)
-        self.filter = None if depthwise else nn.Linear(hidden, out_channels)
-        self.spatial = None if taps == 1 else nn.Linear(hidden, taps)
-        self.kernel = None if experts == 1 else nn.Linear(hidden, experts)
+        sizes = {
+            "channel": in_channels,
+            "filter": 0 if depthwise else out_channels,
+            "spatial": 0 if taps == 1 else taps,
+            "kernel": 0 if experts == 1 else experts,
+        }
+        self.head = SplitLinear(hidden, sizes)
         self.register_buffer("temperature", torch.tensor(float(temperature)))
-
-    def heads(self) -> list[nn.Linear]:
-        """The heads present, in the order ``channel, filter, spatial, kernel``."""
-        return [h for h in (self.channel, self.filter, self.spatial, self.kernel) if h is not None]
+        stack_legacy_heads(self, "head", {name: name for name in self.HEADS})
 
     def sigmoid_heads(self) -> int:
         """How many sigmoid attentions scale the kernel (each gives 1/2 when zeroed)."""
-        return sum(h is not None for h in (self.channel, self.filter, self.spatial))
+        return sum(name in self.head for name in ("channel", "filter", "spatial"))
 
     def uniform_total(self) -> float:
         return 0.5 ** self.sigmoid_heads()
 
-    def calibration_head(self) -> tuple[nn.Linear, str] | None:
+    def calibration_head(self) -> RoutingHead | None:
         """The kernel attention (a softmax over the experts); the sigmoid attentions stay at 1/2."""
-        return None if self.kernel is None else (self.kernel, "softmax")
+        return RoutingHead(self.head, *self.head.rows("kernel"), "softmax") if "kernel" in self.head else None
 
-    def zeroed_parameters(self) -> list[nn.Parameter]:
+    def zeroed_parameters(self) -> list[Tensor]:
         """Every head's weight and bias (the sigmoid attentions too)."""
-        return [p for head in self.heads() for p in (head.weight, head.bias)]
+        return [self.head.weight, self.head.bias]
 
     def zero_(self) -> OmniRouter:
         """Zero every head; ``fc`` keeps random features so the heads get gradients at once."""
-        for head in self.heads():
-            nn.init.zeros_(head.weight)
-            nn.init.zeros_(head.bias)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
         return self
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """``(kernel [B, n], filter [B, C_out] or None, channel [B, C_in], spatial [B, kH*kW] or None)``."""
         hidden = F.relu(self.fc(global_pool(x)))
-        t = self.temperature.to(hidden.dtype)
-        channel = torch.sigmoid(self.channel(hidden) / t)
-        filt = None if self.filter is None else torch.sigmoid(self.filter(hidden) / t)
-        spatial = None if self.spatial is None else torch.sigmoid(self.spatial(hidden) / t)
-        if self.kernel is None:
-            kernel = torch.ones_like(channel[:, :1])
+        logits = self.head(hidden, divisor=self.temperature.to(hidden.dtype))  # (W h + b) / t, every head at once
+        channel = torch.sigmoid(logits["channel"])
+        filt = torch.sigmoid(logits["filter"]) if "filter" in logits else None
+        spatial = torch.sigmoid(logits["spatial"]) if "spatial" in logits else None
+        if "kernel" in logits:
+            kernel = torch.softmax(logits["kernel"], dim=1)
         else:
-            kernel = torch.softmax(self.kernel(hidden) / t, dim=1)
+            kernel = torch.ones_like(channel[:, :1])
         return kernel, filt, channel, spatial
 
 
