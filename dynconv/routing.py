@@ -99,14 +99,14 @@ def stack_legacy_heads(module: nn.Module, attr: str, legacy: dict[str, str]) -> 
     weights and biases are stacked into ``attr`` on load, so old checkpoints and state dicts load.
     """
 
-    def hook(state: dict[str, Tensor], prefix: str, *_args: object) -> None:
-        heads: SplitLinear = getattr(module, attr)
+    def hook(owner: nn.Module, state: dict[str, Tensor], prefix: str, *_args: object) -> None:
+        heads: SplitLinear = getattr(owner, attr)  # the module loading (a deep copy gets its own, not ``module``)
         for part in ("weight", "bias"):
             old = [f"{prefix}{legacy[name]}.{part}" for name in heads.sizes]
             if f"{prefix}{attr}.{part}" not in state and all(key in state for key in old):
                 state[f"{prefix}{attr}.{part}"] = torch.cat([state.pop(key) for key in old])
 
-    module._register_load_state_dict_pre_hook(hook)
+    module._register_load_state_dict_pre_hook(hook, with_module=True)  # the hook gets the module that loads
 
 
 def global_pool(x: Tensor) -> Tensor:

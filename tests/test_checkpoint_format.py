@@ -51,3 +51,17 @@ def test_one_router_gemm_per_layer_in_the_exported_graph(tmp_path) -> None:
         gemms = [n for n in nodes if n.op_type == "Gemm"]
         # per layer the router's hidden layer and all its heads (format 2: up to five), plus TinyNet's classifier
         assert len(result.layers) == 3 and len(gemms) == 2 * 3 + 1, (kind, [n.name for n in gemms])
+
+
+def test_an_old_state_dict_loads_into_a_copy_of_a_new_model() -> None:
+    import copy
+
+    old = load_file(str(DATA / "odconv.safetensors"))  # format 2's tensor names, e.g. body.0.router.kernel.weight
+    expected = load_file(str(DATA / "expected.safetensors"))
+    model = copy.deepcopy(convert.load_checkpoint(DATA / "odconv.safetensors", model=TinyNet()))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    model.load_state_dict(old, strict=True)  # the copy's own hook stacks the heads
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["input"]), expected["odconv"], rtol=0, atol=1e-6)
