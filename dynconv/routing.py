@@ -62,16 +62,33 @@ class RoutingHead(NamedTuple):
 
 
 class SplitLinear(nn.Linear):
-    """Several linear heads on the same features as one layer: their weight rows stacked, the product split.
+    """Several linear heads on the same features as one layer: their weight rows stacked in one parameter.
 
-    One GEMM (one ``Gemm`` in an exported graph) instead of one per head. ``sizes`` names the
-    heads in order (a head of size 0 is left out); :meth:`rows` gives a head's weight and bias
-    as views, and the layer initialises as separate ``nn.Linear`` heads would (same fan-in).
+    ``sizes`` names the heads in order (a head of size 0 is left out); ``sigmoid`` names those
+    whose output goes through a sigmoid. Consecutive heads with the same activation are computed
+    as one product and one activation, then split: ODConv 1x's three sigmoid attentions are one
+    GEMM and one sigmoid, which ONNX Runtime fuses into one ``FusedGemm``. (A single product for
+    every head, split before the activations, measured slower there: it breaks that fusion and
+    adds a Split and a Sigmoid per head; ``benchmarks/results/router_gemm.md``.) :meth:`rows`
+    gives a head's weight and bias as views; the layer initialises as separate ``nn.Linear``
+    heads would (same fan-in).
     """
 
-    def __init__(self, in_features: int, sizes: dict[str, int]) -> None:
+    def __init__(self, in_features: int, sizes: dict[str, int], sigmoid: tuple[str, ...] = ()) -> None:
         self.sizes = {name: size for name, size in sizes.items() if size}
+        self.sigmoid = tuple(name for name in self.sizes if name in sigmoid)
         super().__init__(in_features, sum(self.sizes.values()))
+        #: ``(start, stop, names, sigmoid)`` per run of consecutive heads with the same activation.
+        self.segments: list[tuple[int, int, list[str], bool]] = []
+        start = 0
+        for name, size in self.sizes.items():
+            squashed = name in self.sigmoid
+            if self.segments and self.segments[-1][3] == squashed:
+                first, _, names, _ = self.segments[-1]
+                self.segments[-1] = (first, start + size, [*names, name], squashed)
+            else:
+                self.segments.append((start, start + size, [name], squashed))
+            start += size
 
     def __contains__(self, name: str) -> bool:
         return name in self.sizes
@@ -84,12 +101,22 @@ class SplitLinear(nn.Linear):
         return self.weight[start:stop], self.bias[start:stop]
 
     def forward(self, x: Tensor, divisor: Tensor | None = None) -> dict[str, Tensor]:  # type: ignore[override]
-        """Each head's output by name; ``divisor`` (a temperature) divides them all in one pass."""
-        out = super().forward(x)
-        if divisor is not None:
-            out = out / divisor
-        parts = out.split(list(self.sizes.values()), dim=1)
-        return {name: parts[i] for i, name in enumerate(self.sizes)}
+        """Each head's output by name (after its sigmoid, if it has one); ``divisor`` (a temperature) divides
+        the logits. It divides the weights, so an exported graph folds it into the constant weights."""
+        out: dict[str, Tensor] = {}
+        for start, stop, names, squashed in self.segments:
+            weight, bias = self.weight[start:stop], self.bias[start:stop]
+            if divisor is not None:
+                weight, bias = weight / divisor, bias / divisor
+            product = F.linear(x, weight, bias)
+            if squashed:
+                product = torch.sigmoid(product)
+            if len(names) == 1:
+                out[names[0]] = product
+                continue
+            parts = product.split([self.sizes[name] for name in names], dim=1)
+            out.update({name: parts[i] for i, name in enumerate(names)})
+        return out
 
 
 def stack_legacy_heads(module: nn.Module, attr: str, legacy: dict[str, str]) -> None:

@@ -47,8 +47,9 @@ def default_latent(channels_per_group: int) -> int:
 class DCDRouter(Router):
     """GAP -> linear -> ReLU -> two heads: ``Lambda = 2 sigmoid(.)`` (``[B, C_out]``) and ``Phi`` (``[B, g, L, L]``).
 
-    Both heads are one linear layer (``head``, a :class:`~dynconv.routing.SplitLinear`: one
-    GEMM); checkpoints of format 2 kept them apart (``scale_head``, ``phi_head``) and load into it.
+    Both heads are one linear layer (``head``, a :class:`~dynconv.routing.SplitLinear`, a GEMM
+    per head as their activations differ); checkpoints of format 2 kept them as two layers
+    (``scale_head``, ``phi_head``) and load into it.
     No BatchNorm, so batch size 1 trains. Zeroed heads give ``Lambda = 1`` exactly
     (``2 * sigmoid(0)``) and ``Phi = 0``, which is how a converted layer starts exact;
     the hidden layer keeps its random features so the heads get gradients at once.
@@ -59,7 +60,7 @@ class DCDRouter(Router):
         self.groups = groups
         self.latent = latent
         self.fc = nn.Linear(in_channels, hidden)
-        self.head = SplitLinear(hidden, {"scale": out_channels, "phi": groups * latent * latent})
+        self.head = SplitLinear(hidden, {"scale": out_channels, "phi": groups * latent * latent}, sigmoid=("scale",))
         stack_legacy_heads(self, "head", {"scale": "scale_head", "phi": "phi_head"})
 
     def uniform_total(self) -> float:
@@ -72,7 +73,7 @@ class DCDRouter(Router):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         out = self.head(F.relu(self.fc(global_pool(x))))
-        scale = 2.0 * torch.sigmoid(out["scale"])
+        scale = 2.0 * out["scale"]  # 2 sigmoid(.)
         phi = out["phi"].reshape(-1, self.groups, self.latent, self.latent)  # batch stays symbolic
         return scale, phi
 

@@ -150,7 +150,8 @@ torch.fx.wrap("omni_conv2d")  # a leaf call for torch.fx: it branches on shapes
 class OmniRouter(Router):
     """GAP -> linear -> ReLU -> up to four heads in one linear layer, each divided by the temperature; no BatchNorm.
 
-    Heads (``head``, a :class:`~dynconv.routing.SplitLinear`: one GEMM for all of them):
+    Heads (``head``, a :class:`~dynconv.routing.SplitLinear`: one GEMM and one sigmoid for the
+    three sigmoid attentions, one GEMM for the kernel attention's logits):
     ``channel`` (``C_in``, sigmoid) always; ``filter`` (``C_out``, sigmoid) unless the conv is
     depthwise; ``spatial`` (``kH * kW``, sigmoid) unless the kernel is 1x1; ``kernel`` (``n``,
     softmax) unless there is one expert. Zeroed heads give 1/2 per sigmoid and 1/n per expert
@@ -183,7 +184,7 @@ class OmniRouter(Router):
             "spatial": 0 if taps == 1 else taps,
             "kernel": 0 if experts == 1 else experts,
         }
-        self.head = SplitLinear(hidden, sizes)
+        self.head = SplitLinear(hidden, sizes, sigmoid=("channel", "filter", "spatial"))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
         stack_legacy_heads(self, "head", {name: name for name in self.HEADS})
 
@@ -211,12 +212,10 @@ class OmniRouter(Router):
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None]:
         """``(kernel [B, n], filter [B, C_out] or None, channel [B, C_in], spatial [B, kH*kW] or None)``."""
         hidden = F.relu(self.fc(global_pool(x)))
-        logits = self.head(hidden, divisor=self.temperature.to(hidden.dtype))  # (W h + b) / t, every head at once
-        channel = torch.sigmoid(logits["channel"])
-        filt = torch.sigmoid(logits["filter"]) if "filter" in logits else None
-        spatial = torch.sigmoid(logits["spatial"]) if "spatial" in logits else None
-        if "kernel" in logits:
-            kernel = torch.softmax(logits["kernel"], dim=1)
+        heads = self.head(hidden, divisor=self.temperature.to(hidden.dtype))  # sigmoid((W h + b) / t), kernel: logits
+        channel, filt, spatial = heads["channel"], heads.get("filter"), heads.get("spatial")
+        if "kernel" in heads:
+            kernel = torch.softmax(heads["kernel"], dim=1)
         else:
             kernel = torch.ones_like(channel[:, :1])
         return kernel, filt, channel, spatial
