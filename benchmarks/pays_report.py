@@ -123,7 +123,8 @@ def kind_lines(records: list[dict], setup: dict) -> dict[str, str]:
         gain, gain_std = mean_std([runs[s]["test_acc"] - static[s]["test_acc"] for s in seeds])
         time = statistics.fmean(runs[s]["epoch_seconds"] / static[s]["epoch_seconds"] for s in seeds)
         lines[kind] = (
-            f"Fashion-MNIST, {setup['model']} {setup['size']} px, +{setup['epochs']} epoch(s), {len(seeds)} seeds "
+            f"Fashion-MNIST, {setup['model']} {setup['size']} px, {setup['train']} training images, "
+            f"+{setup['epochs']} epoch(s), {len(seeds)} seeds, {label_of(runs[seeds[0]])} "
             f"(benchmarks/results/pays.md): test {_points(acc)} ± {100 * std:.2f} % vs static continued "
             f"{_points(base)} ± {100 * base_std:.2f} % ({100 * gain:+.2f} ± {100 * gain_std:.2f} points), "
             f"{time:.2f}x static's time per epoch"
@@ -131,10 +132,30 @@ def kind_lines(records: list[dict], setup: dict) -> dict[str, str]:
     return lines
 
 
-def measured_module(records: list[dict], setup: dict) -> str:
-    """The text of ``convert/measured.py``: what each kind bought on this benchmark, for ``dynconv kinds``."""
+#: Other final runs whose settings are today's defaults, also shown by ``dynconv kinds``: CondConv with
+#: calibrated routing (its default since stop 29) on 20,000 training images.
+DEFAULT_EXTRAS = ("pays-n20k",)
+
+
+def extra_finals(results: Path) -> list[tuple[list[dict], dict]]:
+    """``(records, setup)`` of the final runs in :data:`DEFAULT_EXTRAS` under ``results``."""
+    finals = []
+    for extra in (results / name for name in DEFAULT_EXTRAS if (results / name).is_dir()):
+        more, extra_base = final_records(extra)
+        if more and extra_base is not None:
+            finals.append((more, extra_base["setup"]))
+    return finals
+
+
+def measured_module(records: list[dict], setup: dict, extras: list[tuple[list[dict], dict]] = ()) -> str:
+    """The text of ``convert/measured.py``: what each kind bought on this benchmark, for ``dynconv kinds``;
+    a kind also run in ``extras`` (other final runs) gets those sentences after its own, joined by "; also "."""
+    texts = kind_lines(records, setup)
+    for more, more_setup in extras:
+        for kind, text in kind_lines(more, more_setup).items():
+            texts[kind] = f"{texts[kind]}; also {text}" if kind in texts else text
     body = ""
-    for kind, text in kind_lines(records, setup).items():
+    for kind, text in texts.items():
         chunks = textwrap.wrap(text, 90, drop_whitespace=False, break_on_hyphens=False)
         body += f'    "{kind}": (\n' + "".join(f'        "{c}"\n' for c in chunks) + "    ),\n"
     return (
@@ -259,5 +280,5 @@ def write_report(results: Path, measured: Path | None = None) -> Path:
         lines += ["## Settings tried (validation split, seed 0)", "", *sweep_table(sweep), ""]
     out.write_text("\n".join(lines) + ("\n" + reading if reading else ""))
     if records and setup and measured is not None:
-        measured.write_text(measured_module(records, setup))
+        measured.write_text(measured_module(records, setup, extra_finals(results)))
     return out

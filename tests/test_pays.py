@@ -63,7 +63,7 @@ def test_sweep_final_report_on_a_tiny_subsample(tmp_path: Path) -> None:
 
 def test_dynconv_kinds_shows_what_the_benchmark_measured() -> None:
     """convert/measured.py is what `pays.py report` writes from the committed final records, and kinds shows it."""
-    from pays_report import RESULTS_DIR, final_records, measured_module
+    from pays_report import RESULTS_DIR, extra_finals, final_records, measured_module
 
     from convert.cli.render import kinds_text
     from convert.measured import PAYS
@@ -72,7 +72,8 @@ def test_dynconv_kinds_shows_what_the_benchmark_measured() -> None:
     records, base = final_records(RESULTS_DIR)
     assert records and base is not None
     module = Path(__file__).resolve().parent.parent / "convert" / "measured.py"
-    assert module.read_text() == measured_module(records, base["setup"])
+    assert module.read_text() == measured_module(records, base["setup"], extra_finals(RESULTS_DIR))
+    assert "20000 training images" in PAYS["condconv"] and "calibrate=4" in PAYS["condconv"]  # today's default
     blocks = {block.split()[0]: " ".join(block.split()) for block in kinds_text(LAYERS, width=100).split("\n\n")}
     for kind in ("condconv", "dyconv", "dynet", "dcd", "odconv"):
         assert "measured: Fashion-MNIST, mobilenet_v3_small" in blocks[kind]
