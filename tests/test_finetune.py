@@ -18,7 +18,7 @@ import convert
 import dynconv
 from convert.cli import app
 from convert.finetune import TrainConfig, evaluate, image_folder_splits, train_model
-from convert.finetune.state import read_sidecar, sidecar_path, write_sidecar
+from convert.finetune.state import TrainingState, read_sidecar, sidecar_path, write_sidecar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -89,6 +89,13 @@ def test_resume_continues_exactly(trained, digits, tmp_path) -> None:
     again = [path, digits, "-o", resumed, "--resume", "--crop-min", 0.5, *common]
     refused = CliRunner().invoke(app, ["finetune", *map(str, again)])
     assert refused.exit_code == 2 and "other settings (crop_min=0.08)" in refused.stderr, refused.stderr
+    misfit = copy.deepcopy(state.info)  # an optimizer state whose groups are not this model's parameters
+    misfit["optimizer"]["param_groups"][0]["params"] = misfit["optimizer"]["param_groups"][0]["params"][:-1]
+    write_sidecar(sidecar_path(resumed), TrainingState(misfit, state.tensors))
+    refused = CliRunner().invoke(app, ["finetune", *map(str, [path, digits, "-o", resumed, "--resume", *common])])
+    assert refused.exit_code == 2 and "so the run cannot resume" in refused.stderr, refused.stderr
+    assert refused.stderr.count("\n") == 1
+    write_sidecar(sidecar_path(resumed), state)
     _finetune(path, digits, "--output", resumed, "--epochs", 2, "--resume", *common)
     a = convert.load_checkpoint(straight).state_dict()
     b = convert.load_checkpoint(resumed).state_dict()

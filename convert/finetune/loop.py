@@ -29,7 +29,7 @@ import dynconv
 from dynconv.calibration import default_calibration_batches
 from dynconv.temperature import annealed_buffers, annealed_kinds
 
-from ..errors import WorkFailedError
+from ..errors import UserError, WorkFailedError
 from .config import TrainConfig
 from .data import epoch_batches, epoch_order, steps_per_epoch
 from .optimisation import build_loss, build_mixup, build_optimizer, build_scheduler, check_config
@@ -327,7 +327,14 @@ def _restore(state: TrainingState, model, ema, optimizer, scheduler, temperature
     model.load_state_dict(state.section("model"))
     if ema is not None:
         ema.module.load_state_dict(state.section("ema") or state.section("model"))
-    restore_optimizer(optimizer, info["optimizer"], state.tensors)
+    try:
+        restore_optimizer(optimizer, info["optimizer"], state.tensors)
+    except (ValueError, KeyError, IndexError):  # its parameter groups are not this model's
+        raise UserError(
+            "the saved optimizer state does not fit this model's parameters (written by another dynconv version, "
+            "e.g. format-2 ODConv or DCD routers, whose heads are one layer now), so the run cannot resume; "
+            "fine-tune the last written model instead"
+        ) from None
     if scheduler is not None and info.get("scheduler"):
         scheduler.load_state_dict(info["scheduler"])
     temperature.load_state_dict(info["temperature"])
