@@ -101,3 +101,39 @@ def test_the_deployment_form_computes_what_the_per_sample_kernel_computes() -> N
             layer.strategy = "loop"
         reference = model(x)
     assert (exported - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+@pytest.mark.parametrize(
+    ("kernel", "stride", "dilation", "groups"),
+    [
+        ((3, 3), (1, 1), (1, 1), 1),
+        ((3, 3), (2, 2), (1, 1), 16),
+        ((5, 5), (1, 1), (2, 2), 1),
+        ((1, 3), (2, 1), (1, 1), 4),
+    ],
+)
+def test_exported_im2col_is_a_one_hot_conv_equal_to_unfold(monkeypatch, kernel, stride, dilation, groups) -> None:
+    from dynconv.core.strategies import im2col
+    from dynconv.geometry import ConvGeometry
+
+    geom = ConvGeometry(kernel, stride, dilation, (0, 0, 0, 0), groups)
+    x = torch.randn(3, 16, 13, 11)
+    eager = im2col(x, geom)
+    monkeypatch.setattr(torch.compiler, "is_exporting", lambda: True)
+    exported = im2col(x, geom)
+    assert torch.equal(exported, eager)
+    assert torch.equal(eager, torch.nn.functional.unfold(x, kernel, dilation=dilation, stride=stride))
+
+
+def test_a_dynamic_batch_export_forms_im2col_with_a_conv_not_gathers(tmp_path) -> None:
+    """ODConv 1x's k x k layers take the im2col form at a dynamic batch: one constant Conv, no Gather chain."""
+    model = small_net("odconv")
+    result = export_onnx(model, tmp_path / "odconv.onnx", batch=None, input_shape=(3, SIZE, SIZE))
+    assert result.strategies.get("unfold") == 2 and all(check.ok for check in result.checks)
+    ops = [node.op_type for node in onnx.load(str(result.path)).graph.node]
+    assert "Gather" not in ops and ops.count("Conv") >= 3  # the 1x1 layer, and one im2col Conv per k x k layer
+    x = torch.randn(5, 3, SIZE, SIZE)
+    session = ort.InferenceSession(str(result.path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        expected = model(x).numpy()
+    np.testing.assert_allclose(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0], expected, atol=1e-5)
