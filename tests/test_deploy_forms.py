@@ -113,7 +113,7 @@ def test_the_deployment_form_computes_what_the_per_sample_kernel_computes() -> N
     ],
 )
 def test_exported_im2col_is_a_one_hot_conv_equal_to_unfold(monkeypatch, kernel, stride, dilation, groups) -> None:
-    from dynconv.core.strategies import im2col
+    from dynconv.core.kernels import im2col
     from dynconv.geometry import ConvGeometry
 
     geom = ConvGeometry(kernel, stride, dilation, (0, 0, 0, 0), groups)

@@ -26,7 +26,6 @@ capabilities, which is all the choice, the scopes and export know of it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..geometry import ConvGeometry
@@ -35,6 +34,7 @@ from .kernels import (
     NO_TERMS,
     KernelTerms,
     add_bias,
+    im2col,
     mix_bias,
     mix_kernels,
     pad_input,
@@ -100,23 +100,6 @@ def matmul(
         raise ValueError(f"strategy 'matmul' needs a 1x1 kernel, got {geom.kernel}")
     kernels = mix_kernels(weight, routing, terms).flatten(2)  # [B, C_out, C_in/g]
     return pointwise_conv(x, kernels, mix_bias(bias, routing), geom)
-
-
-def im2col(x: Tensor, geom: ConvGeometry) -> Tensor:
-    """``F.unfold`` of an already padded ``x``: ``[B, C_in * kH * kW, L]``, channel-major as ``F.unfold`` orders it.
-
-    In an export it is a static conv with one-hot filters (``groups = C_in``), which ONNX
-    Runtime runs as one pre-packed Conv; ``F.unfold`` exports as a chain of gathers that
-    measured 17-20x a static MobileNetV2 at a dynamic batch of 16 (benchmarks/results/deploy-ort-eager.md).
-    The result is the same: every output is one input times 1.
-    """
-    if not torch.compiler.is_exporting():
-        return F.unfold(x, geom.kernel, dilation=geom.dilation, stride=geom.stride)
-    c_in = x.shape[1]
-    taps = geom.kernel[0] * geom.kernel[1]
-    onehot = torch.eye(taps, dtype=x.dtype, device=x.device).reshape(taps, 1, *geom.kernel).repeat(c_in, 1, 1, 1)
-    patches = F.conv2d(x, onehot, None, geom.stride, 0, geom.dilation, c_in)  # [B, C_in * kk, H', W']
-    return patches.flatten(2)
 
 
 def unfold(

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from ..core.forms import Form, register_form
-from ..core.kernels import mix_bias, plain_conv, pointwise_conv
+from ..core.kernels import im2col, mix_bias, plain_conv, pointwise_conv
 from ..core.rules import odconv_path
 from ..core.scope import note_strategy
 from ..experts import DEFAULT_EXPERTS, DEFAULT_NOISE
@@ -81,7 +81,7 @@ def rescaled_im2col(
     x = F.pad(x, geom.pad) if any(geom.pad) else x
     left, right, top, bottom = geom.pad
     h_out, w_out = geom.output_size(x.shape[-2] - top - bottom, x.shape[-1] - left - right)
-    cols = F.unfold(x, geom.kernel, dilation=geom.dilation, stride=geom.stride)  # [B, C_in * kk, L]
+    cols = im2col(x, geom)  # [B, C_in * kk, L]
     scale = (channel.unsqueeze(2) * spatial.unsqueeze(1)).reshape(channel.shape[0], -1, 1)
     out = torch.matmul(weight.reshape(weight.shape[1], -1), cols * scale.to(cols.dtype))  # [B, C_out, L]
     return attend_output(out.reshape(out.shape[0], out.shape[1], h_out, w_out), filt, bias)
