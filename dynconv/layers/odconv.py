@@ -161,8 +161,6 @@ class OmniRouter(Router):
     """
 
     sums_to_one = True  # the kernel attention (the only routing that mixes experts and bias) is a softmax
-    #: The heads in the order their rows are stacked.
-    HEADS = ("channel", "filter", "spatial", "kernel")
 
     def __init__(
         self,
@@ -186,11 +184,11 @@ class OmniRouter(Router):
         }
         self.head = SplitLinear(hidden, sizes, sigmoid=("channel", "filter", "spatial"))
         self.register_buffer("temperature", torch.tensor(float(temperature)))
-        stack_legacy_heads(self, "head", {name: name for name in self.HEADS})
+        stack_legacy_heads(self, "head", {name: name for name in self.head.sizes})  # format 2: router.<name>
 
     def sigmoid_heads(self) -> int:
         """How many sigmoid attentions scale the kernel (each gives 1/2 when zeroed)."""
-        return sum(name in self.head for name in ("channel", "filter", "spatial"))
+        return len(self.head.sigmoid)
 
     def uniform_total(self) -> float:
         return 0.5 ** self.sigmoid_heads()
