@@ -48,6 +48,15 @@ def ort_ms(models: dict[str, torch.nn.Module], folder: Path, rounds: int, size: 
     return time_rounds(calls, rounds, 0.4)
 
 
+def model_row(name: str, dynamic: int, accuracies: list[float], ms: dict[str, float]) -> str:
+    """One model's row: its dynamic layers, accuracies, ORT ms and ratios to the static and uncollapsed models."""
+    cells = "".join(f" {100 * a:.2f}% |" for a in accuracies)
+    return (
+        f"| {name} | {dynamic} |{cells} {ms[name]:.3f} | {ms[name] / ms['static']:.2f}x | "
+        f"{ms[name] / ms['uncollapsed']:.2f}x |"
+    )
+
+
 def plan_table(collapsed: convert.CollapseResult) -> list[str]:
     """The "## Plan" section: per layer, its routing spread, the drop its collapse causes, and the decision."""
     header = "| layer | routing spread | accuracy drop alone | cumulative | saves (ms) | decision |"
@@ -130,10 +139,7 @@ def main() -> None:
     ]
     counts = {"static": 0, "uncollapsed": dynamic, "collapsed": len(collapsed.kept)}
     for name in ("static", "uncollapsed", "collapsed"):
-        lines.append(
-            f"| {name} | {counts[name]} | {100 * accuracy[name]:.2f}% | {ms[name]:.3f} | "
-            f"{ms[name] / ms['static']:.2f}x | {ms[name] / ms['uncollapsed']:.2f}x |"
-        )
+        lines.append(model_row(name, counts[name], [accuracy[name]], ms))
     lines += plan_table(collapsed)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))

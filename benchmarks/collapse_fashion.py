@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from collapse import ort_ms, plan_table
+from collapse import model_row, ort_ms, plan_table
 from fashion import Split, as_input
 from pays import Bench
 from pays import parse_args as pays_args
@@ -87,10 +87,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for name in models:
-        lines.append(
-            f"| {name} | {counts[name]} | {100 * scores[name]['val']:.2f}% | {100 * scores[name]['test']:.2f}% | "
-            f"{ms[name]:.3f} | {ms[name] / ms['static']:.2f}x | {ms[name] / ms['uncollapsed']:.2f}x |"
-        )
+        lines.append(model_row(name, counts[name], [scores[name]["val"], scores[name]["test"]], ms))
     lines += plan_table(result)
     args.out.write_text("\n".join(lines))
     print("\n".join(lines))
