@@ -10,9 +10,10 @@ DyConv, DyNet and ODConv with K=4, DCD, ODConv 1x; default selection) are timed 
 same interleaved rounds on each path, and each ratio compares the converted model with
 the static one on the same path. DCD and ODConv 1x are also timed, at ORT fixed batch,
 as they exported before their deployment forms (every layer pinned to a per-sample
-kernel), and profiled per op type both ways. For every model and kind the floor is the
-static ORT batch-1 time plus the kind's unavoidable extra work timed alone
-(``deploy_floor.py``): every ratio is read against it.
+kernel), and profiled per op type both ways. For every model and kind the floor at batch 1
+is the static model plus the kind's unavoidable extra work timed alone (``deploy_floor.py``),
+on the same path: in ONNX Runtime (the extra work exported as a graph of its own) and in
+eager PyTorch. Every batch-1 ratio is read against the floor of its path.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import onnxruntime as ort
 import torch
 import torchvision
 from core import time_rounds
-from deploy_floor import extra_ms
+from deploy_floor import eager_floor, ort_floor
 from torch import nn
 
 import convert
@@ -254,16 +255,16 @@ def time_model(name: str, kind: str, paths: list[str], rounds: int, compile_kind
     static = signal_preserving_init(getattr(torchvision.models, name)()).eval()
     result = convert.convert_model(static, **KINDS[kind])
     converted = result.model.eval()
-    rows, ratios, profiles, static_b1 = [], {}, {}, None
+    rows, ratios, profiles = [], {}, {}
 
     def add(path: str, batch: int, s: float, c: float, note: str) -> None:
         rows.append((name, kind, path, batch, s, c, note))
         ratios[(path, batch, name, kind)] = c / s
         print(rows[-1], flush=True)
 
+    ort_runs = [(1, False)] if "ort" in paths or "ort1" in paths else []
+    ort_runs += [(16, False), (16, True)] if "ort" in paths or "ort16" in paths else []
     with tempfile.TemporaryDirectory() as tmp:
-        ort_runs = [(1, False)] if "ort" in paths or "ort1" in paths else []
-        ort_runs += [(16, False), (16, True)] if "ort" in paths or "ort16" in paths else []
         for batch, dynamic in ort_runs:
             before = kind in DEPLOY_FORMS and not dynamic
             profile = batch == 1 and not dynamic and kind in (*DEPLOY_FORMS, "condconv")
@@ -274,8 +275,6 @@ def time_model(name: str, kind: str, paths: list[str], rounds: int, compile_kind
             add("ort dynamic" if dynamic else "ort fixed", batch, ms["static"], ms["converted"], note)
             if prof is not None:
                 profiles[(name, kind)] = prof
-            if batch == 1 and not dynamic:
-                static_b1 = ms["static"]
     for batch in (1, 16) if "eager" in paths else ():
         s, last, c = eager_path(static, converted, batch, rounds)
         add("eager", batch, s, c, f"static channels_last {last:.1f} ms")
@@ -283,8 +282,12 @@ def time_model(name: str, kind: str, paths: list[str], rounds: int, compile_kind
         for batch, (s, c) in compiled_path(static, converted, (1, 16), rounds).items():
             add("compiled", batch, s, c, "dynamic=True, inductor")
     floor_row = None
-    if static_b1 is not None:  # the floor is read against the static ORT batch-1 time
-        floor_row = (name, kind, *floor(result), static_b1, extra_ms(converted, SIZE, rounds))
+    if (1, False) in ort_runs:  # the batch-1 floor on the ORT path, and on eager if that was timed
+        with tempfile.TemporaryDirectory() as tmp:
+            static_onnx(static, Path(tmp) / "static.onnx", 1)
+            ort_ms = ort_floor(Path(tmp) / "static.onnx", converted, SIZE, rounds, session)
+        eager_ms = eager_floor(static, converted, SIZE, rounds) if "eager" in paths else (None, None, None)
+        floor_row = (name, kind, *floor(result), *ort_ms, *eager_ms)
     return rows, ratios, floor_row, profiles
 
 
@@ -302,22 +305,36 @@ def report(rows: list, ratios: dict, floors: list, profiles: dict, env: str) -> 
     lines += ["|---|---|---|---|---|---|---|---|"]
     for name, kind, path, batch, s, c, note in rows:
         lines.append(f"| {name} | {kind} | {path} | {batch} | {s:.1f} | {c:.1f} | {c / s:.2f}× | {note} |")
-    lines += ["", "## Floor", "", "Weights of the converted layers a batch-1 image reads, the MACs added, and the"]
-    lines += ["floor: (static ORT batch 1 + the kind's unavoidable extra work timed alone, `deploy_floor.py`)"]
-    lines += ["/ static, beside the measured ORT fixed batch-1 ratio. The extra work is timed in eager PyTorch, op by"]
-    lines += ["op: where that costs more than the whole ORT graph (a loaded machine, small ops), it is no floor.", ""]
-    lines += ["| model | kind | static MB | converted MB | MACs | extra ms | floor | ORT fixed 1 |"]
-    lines += ["|---|---|---|---|---|---|---|---|"]
-    for name, kind, smb, cmb, macs, base, extra in floors:
-        floor_text = "" if base is None else f"{(base + extra) / base:.2f}×"
-        measured = ratios.get(("ort fixed", 1, name, kind))
-        measured_text = "" if measured is None else f"{measured:.2f}×"
-        lines.append(
-            f"| {name} | {kind} | {smb:.1f} | {cmb:.1f} | {100 * macs:+.1f}% | {extra:.2f} | {floor_text} "
-            f"| {measured_text} |"
-        )
+    lines += floor_lines(floors, ratios)
     lines += profile_lines(profiles) if profiles else []
     return "\n".join(lines) + "\n"
+
+
+def floor_lines(floors: list, ratios: dict) -> list[str]:
+    """Markdown: per model and kind, the weights and MACs of the converted layers and the batch-1 floor
+    on each path beside the ratio measured there."""
+    lines = ["", "## Floor", "", "Weights of the converted layers a batch-1 image reads, the MACs added, and the"]
+    lines += ["floor on each path: (static + the kind's unavoidable extra work timed alone, `deploy_floor.py`)"]
+    lines += ["/ static, both timed on that path in the same interleaved rounds (ORT: the extra work exported as"]
+    lines += ["a graph of its own), beside the ratio measured there at batch 1. `routing`: the routers alone (pooling"]
+    lines += ["and their layers) as a share of the static time, the part every dynamic kind pays.", ""]
+    lines += ["| model | kind | static MB | converted MB | MACs | ORT extra ms | ORT routing | ORT floor "]
+    lines[-1] += "| ORT fixed 1 | eager extra ms | eager routing | eager floor | eager 1 |"
+    lines += ["|---" * 13 + "|"]
+
+    def ratio_text(value: float | None) -> str:
+        return "" if value is None else f"{value:.2f}×"
+
+    for name, kind, smb, cmb, macs, *measured in floors:
+        cells = [name, kind, f"{smb:.1f}", f"{cmb:.1f}", f"{100 * macs:+.1f}%"]
+        for path, (static, extra, routing) in (("ort fixed", measured[:3]), ("eager", measured[3:])):
+            if static is None:
+                cells += ["", "", "", ""]
+                continue
+            cells += [f"{extra:.2f}", f"+{routing / static:.0%}", ratio_text((static + extra) / static)]
+            cells += [ratio_text(ratios.get((path, 1, name, kind)))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
 
 
 def combine(files: list[Path]) -> None:

@@ -123,7 +123,7 @@ def dynamic_conv2d(
         terms = KernelTerms(
             tuple(m.to(weight.dtype) for m in modulation), None if offset is None else offset.to(weight.dtype)
         )
-    # the opaque op takes plain calls with matching dtypes; kernel terms and autocast stay traced
-    if not (modulated or autocast) and goes_opaque(input.shape[0], needs_grad, strategy):
-        return call_opaque(input, weight, routing, bias, geom)
+    # the opaque op takes calls with matching dtypes; under autocast the call stays traced
+    if not autocast and goes_opaque(input.shape[0], needs_grad, strategy):
+        return call_opaque(input, weight, routing, bias, geom, terms)
     return with_input_layout(run(input, weight, routing, bias, geom, needs_grad, strategy, terms), input)

@@ -4,7 +4,8 @@ Traced by dynamo, the core must pick a form that serves every batch size (no
 per-sample kernel, see :func:`dynconv.core.rules.serves_any_batch`), and those forms
 cost 2-8x the eager ones at batch 16. Behind a ``torch.library`` custom op with a
 fake kernel, the compiled graph keeps a dynamic batch and never recompiles, while
-the op itself runs eagerly and picks the fastest strategy for the batch it gets.
+the op itself runs eagerly and picks the fastest strategy for the batch it gets. Kernel
+terms (ODConv's attentions, DCD's ``Lambda`` and low-rank offset) go through it too.
 When a call goes through it is :func:`dynconv.core.rules.goes_opaque`'s rule.
 """
 
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from ..geometry import ConvGeometry
-from .kernels import with_input_layout
+from .kernels import KernelTerms, with_input_layout
 from .run import run
 
 __all__ = ["call_opaque", "dynamic_conv2d_op"]
@@ -30,10 +31,15 @@ def dynamic_conv2d_op(
     dilation: list[int],
     pad: list[int],
     groups: int,
+    factors: list[Tensor],
+    offset: Tensor | None,
 ) -> Tensor:
-    """``dynamic_conv2d`` with explicit ``(left, right, top, bottom)`` padding, run eagerly (strategy by shape)."""
+    """``dynamic_conv2d`` with explicit ``(left, right, top, bottom)`` padding and the kernel terms
+    (``factors``, ``offset``) as plain arguments, run eagerly (strategy by shape)."""
     geom = ConvGeometry(tuple(weight.shape[3:]), tuple(stride), tuple(dilation), tuple(pad), groups)
-    return with_input_layout(run(input, weight, routing, bias, geom, needs_grad=False), input)
+    terms = KernelTerms(tuple(factors), offset)
+    out = run(input, weight, routing, bias, geom, needs_grad=False, terms=terms if terms else None)
+    return with_input_layout(out, input)
 
 
 @dynamic_conv2d_op.register_fake
@@ -46,14 +52,27 @@ def _fake(
     dilation: list[int],
     pad: list[int],
     groups: int,
+    factors: list[Tensor],
+    offset: Tensor | None,
 ) -> Tensor:
     geom = ConvGeometry(tuple(weight.shape[3:]), tuple(stride), tuple(dilation), tuple(pad), groups)
     height, width = geom.output_size(input.shape[2], input.shape[3])
     return with_input_layout(input.new_empty((input.shape[0], weight.shape[1], height, width)), input)
 
 
-def call_opaque(input: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry) -> Tensor:
+def call_opaque(
+    input: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms
+) -> Tensor:
     """Run the core through the opaque op (see the module docstring)."""
     return dynamic_conv2d_op(
-        input, weight, routing, bias, list(geom.stride), list(geom.dilation), list(geom.pad), geom.groups
+        input,
+        weight,
+        routing,
+        bias,
+        list(geom.stride),
+        list(geom.dilation),
+        list(geom.pad),
+        geom.groups,
+        list(terms.factors),
+        terms.offset,
     )
