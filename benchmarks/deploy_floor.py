@@ -49,7 +49,8 @@ def captured_inputs(model: nn.Module, size: int) -> list[tuple[nn.Module, Tensor
 
 
 def layer_extra(layer: nn.Module, x: Tensor, out: Tensor, routing_only: bool = False) -> list[Tensor]:
-    """The work ``layer``'s kind adds to its static conv for input ``x`` (static output ``out``): its results.
+    """The work ``layer``'s kind adds to its static conv for input ``x`` (``out``: a map of the conv's output
+    shape, the one the static conv would write): its results.
     ``routing_only``: only the router's part of it (pooling and the router's layers)."""
     if routing_only:
         routing = layer.route(x)
@@ -84,7 +85,7 @@ def layer_extra(layer: nn.Module, x: Tensor, out: Tensor, routing_only: bool = F
 
 class ExtraWork(nn.Module):
     """Every dynamic layer's unavoidable extra work (or only its routing) as one module:
-    ``forward(x_0, out_0, x_1, out_1, ...)`` on each layer's captured input and static output."""
+    ``forward(x_0, out_0, x_1, out_1, ...)`` on each layer's captured input and output (of the static conv's shape)."""
 
     def __init__(self, layers: list[nn.Module], routing_only: bool = False) -> None:
         super().__init__()
