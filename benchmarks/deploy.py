@@ -30,7 +30,7 @@ import onnxruntime as ort
 import torch
 import torchvision
 from core import time_rounds
-from deploy_floor import eager_floor, ort_floor
+from deploy_floor import eager_floor, extra_work, ort_floor
 from torch import nn
 
 import convert
@@ -120,6 +120,11 @@ def per_sample_kernels(model: nn.Module, batch: int):
             layer.strategy = None
 
 
+def onnx_file(folder: Path, role: str, batch: int, dynamic: bool) -> Path:
+    """Where :func:`ort_path` writes the ``role`` graph (static, converted, before) of one batch setting."""
+    return folder / f"{role}-{'dyn' if dynamic else 'fix'}{batch}.onnx"
+
+
 def ort_path(
     static: nn.Module,
     converted: nn.Module,
@@ -137,13 +142,12 @@ def ort_path(
     names to ms per op type from ORT's profiler; else None.
     """
     exported = None if dynamic else batch
-    tag = f"{'dyn' if dynamic else 'fix'}{batch}"
-    files = {"static": folder / f"static-{tag}.onnx", "converted": folder / f"conv-{tag}.onnx"}
+    files = {role: onnx_file(folder, role, batch, dynamic) for role in ("static", "converted")}
     static_onnx(static, files["static"], exported)
     options = {"batch": exported, "input_shape": (3, SIZE, SIZE), "fold_bn": True, "overwrite": True}
     result = convert.export_onnx(converted, files["converted"], **options)
     if before and not dynamic:
-        files["before"] = folder / f"before-{tag}.onnx"
+        files["before"] = onnx_file(folder, "before", batch, dynamic)
         with per_sample_kernels(converted, batch):
             convert.export_onnx(converted, files["before"], **options)
     sessions = {name: session(path) for name, path in files.items()}
@@ -266,6 +270,7 @@ def time_model(name: str, kind: str, paths: list[str], rounds: int, compile_kind
 
     ort_runs = [(1, False)] if "ort" in paths or "ort1" in paths else []
     ort_runs += [(16, False), (16, True)] if "ort" in paths or "ort16" in paths else []
+    floor_row = None
     with tempfile.TemporaryDirectory() as tmp:
         for batch, dynamic in ort_runs:
             before = kind in DEPLOY_FORMS and not dynamic
@@ -277,19 +282,17 @@ def time_model(name: str, kind: str, paths: list[str], rounds: int, compile_kind
             add("ort dynamic" if dynamic else "ort fixed", batch, ms["static"], ms["converted"], note)
             if prof is not None:
                 profiles[(name, kind)] = prof
-    for batch in (1, 16) if "eager" in paths else ():
-        s, last, c = eager_path(static, converted, batch, rounds)
-        add("eager", batch, s, c, f"static channels_last {last:.1f} ms")
-    if "compiled" in paths and kind in compile_kinds:
-        for batch, (s, c) in compiled_path(static, converted, (1, 16), rounds).items():
-            add("compiled", batch, s, c, "dynamic=True, inductor")
-    floor_row = None
-    if (1, False) in ort_runs:  # the batch-1 floor on the ORT path, and on eager if that was timed
-        with tempfile.TemporaryDirectory() as tmp:
-            static_onnx(static, Path(tmp) / "static.onnx", 1)
-            ort_ms = ort_floor(Path(tmp) / "static.onnx", converted, SIZE, rounds, session)
-        eager_ms = eager_floor(static, converted, SIZE, rounds) if "eager" in paths else (None, None, None)
-        floor_row = (name, kind, *floor(result), *ort_ms, *eager_ms)
+        for batch in (1, 16) if "eager" in paths else ():
+            s, last, c = eager_path(static, converted, batch, rounds)
+            add("eager", batch, s, c, f"static channels_last {last:.1f} ms")
+        if "compiled" in paths and kind in compile_kinds:
+            for batch, (s, c) in compiled_path(static, converted, (1, 16), rounds).items():
+                add("compiled", batch, s, c, "dynamic=True, inductor")
+        if (1, False) in ort_runs:  # the batch-1 floor on the ORT path (its static graph), and on eager if timed
+            works, maps = extra_work(converted, SIZE)
+            ort_ms = ort_floor(onnx_file(Path(tmp), "static", 1, False), works, maps, SIZE, rounds, session)
+            eager_ms = eager_floor(static, works, maps, SIZE, rounds) if "eager" in paths else (None, None, None)
+            floor_row = (name, kind, *floor(result), *ort_ms, *eager_ms)
     return rows, ratios, floor_row, profiles
 
 

@@ -108,9 +108,11 @@ def extra_work(model: nn.Module, size: int) -> tuple[dict[str, ExtraWork], tuple
     return {"extra": ExtraWork(layers).eval(), "routing": ExtraWork(layers, routing_only=True).eval()}, maps
 
 
-def eager_floor(static: nn.Module, model: nn.Module, size: int, rounds: int) -> tuple[float, float, float]:
-    """``(static ms, extra ms, routing ms)`` per batch-1 image in eager PyTorch, in the same interleaved rounds."""
-    works, maps = extra_work(model, size)
+def eager_floor(
+    static: nn.Module, works: dict[str, ExtraWork], maps: tuple[Tensor, ...], size: int, rounds: int
+) -> tuple[float, float, float]:
+    """``(static ms, extra ms, routing ms)`` per batch-1 ``size`` image in eager PyTorch, in the same interleaved
+    rounds; ``works`` and ``maps`` as :func:`extra_work` gives them."""
     x = torch.randn(1, 3, size, size)
     methods = {"static": lambda: static(x)} | {name: (lambda w=w: w(*maps)) for name, w in works.items()}
     with torch.inference_mode():
@@ -118,11 +120,13 @@ def eager_floor(static: nn.Module, model: nn.Module, size: int, rounds: int) -> 
     return ms["static"], ms["extra"], ms["routing"]
 
 
-def ort_floor(static_onnx: Path, model: nn.Module, size: int, rounds: int, session) -> tuple[float, float, float]:
-    """``(static ms, extra ms, routing ms)`` per batch-1 image in ONNX Runtime: the static model's graph
-    (``static_onnx``, input ``input``) beside the extra work and the routing, each exported as a graph of its
-    own, in the same interleaved rounds. ``session(path)`` opens a path as the benchmark's sessions are opened."""
-    works, maps = extra_work(model, size)
+def ort_floor(
+    static_onnx: Path, works: dict[str, ExtraWork], maps: tuple[Tensor, ...], size: int, rounds: int, session
+) -> tuple[float, float, float]:
+    """``(static ms, extra ms, routing ms)`` per batch-1 ``size`` image in ONNX Runtime: the static model's graph
+    (``static_onnx``, input ``input``) beside the extra work and the routing (``works`` on ``maps``, as
+    :func:`extra_work` gives them), each exported as a graph of its own, in the same interleaved rounds.
+    ``session(path)`` opens a path as the benchmark's sessions are opened."""
     names = [f"map{i}" for i in range(len(maps))]
     feed = {name: m.numpy() for name, m in zip(names, maps, strict=True)}
     image = {"input": np.random.default_rng(0).standard_normal((1, 3, size, size), dtype=np.float32)}

@@ -74,8 +74,10 @@ def test_the_exported_extra_work_computes_what_the_eager_one_computes(
 
 def test_the_floor_table_reads_each_path_against_its_own_floor() -> None:
     ratios = {("ort fixed", 1, "m", "dcd"): 3.0, ("eager", 1, "m", "dcd"): 2.0}
-    floors = [("m", "dcd", 8.0, 16.0, 0.07, 10.0, 15.0, 2.0, 20.0, 10.0, 5.0), ("m", "dcd", 8.0, 16.0, 0.07, 10.0, 5.0)]
-    floors[1] = (*floors[1], 1.0, None, None, None)
+    floors = [  # (model, kind, MB, MB, MACs, ORT static, extra, routing ms, eager static, extra, routing ms)
+        ("m", "dcd", 8.0, 16.0, 0.07, 10.0, 15.0, 2.0, 20.0, 10.0, 5.0),
+        ("m", "dcd", 8.0, 16.0, 0.07, 10.0, 5.0, 1.0, None, None, None),  # eager not timed
+    ]
     lines = floor_lines(floors, ratios)
     rows = [line for line in lines if line.startswith("| m |")]
     assert rows[0] == "| m | dcd | 8.0 | 16.0 | +7.0% | 15.00 | +20% | 2.50× | 3.00× | 10.00 | +25% | 1.50× | 2.00× |"
