@@ -194,21 +194,25 @@ def routing_table(records: list[dict]) -> list[str]:
 
 
 def sweep_table(records: list[dict]) -> list[str]:
-    """Every sweep run (validation accuracy, seed 0), best per kind in bold."""
-    best: dict[str, float] = {}
+    """Every sweep run (validation accuracy, seed 0), best per kind and model in bold."""
+    best: dict[tuple[str, str], float] = {}
     for r in records:
-        best[r["kind"]] = max(best.get(r["kind"], 0.0), r["val_acc"])
+        key = (r["kind"], r["setup"]["model"])
+        best[key] = max(best.get(key, 0.0), r["val_acc"])
     lines = [
-        "| kind | settings | epochs | train images | val accuracy % | s / epoch |",
-        "|---|---|---|---|---|---|",
+        "| model | kind | settings | epochs | train images | val accuracy % | s / epoch |",
+        "|---|---|---|---|---|---|---|",
     ]
-    ordered = sorted(records, key=lambda r: (ORDER.index(r["kind"]) if r["kind"] in ORDER else 99, -r["val_acc"]))
+    ordered = sorted(
+        records,
+        key=lambda r: (r["setup"]["model"], ORDER.index(r["kind"]) if r["kind"] in ORDER else 99, -r["val_acc"]),
+    )
     for r in ordered:
         acc = _points(r["val_acc"])
-        acc = f"**{acc}**" if r["val_acc"] == best[r["kind"]] else acc
+        acc = f"**{acc}**" if r["val_acc"] == best[(r["kind"], r["setup"]["model"])] else acc
         lines.append(
-            f"| {r['kind']} | {label_of(r)} | {r['epochs']:g} | {r['setup']['train']} | {acc} | "
-            f"{r['epoch_seconds']:.1f} |"
+            f"| {r['setup']['model']} | {r['kind']} | {label_of(r)} | {r['epochs']:g} | {r['setup']['train']} | "
+            f"{acc} | {r['epoch_seconds']:.1f} |"
         )
     return lines
 
