@@ -143,10 +143,14 @@ def choose(
     kernel_bytes: int = 0,
     experts: int = 4,
     modulated: bool = False,
+    channels_last: bool = False,
 ) -> str:
-    """The strategy to run: the first preferred one the active scope allows."""
+    """The strategy to run: the first preferred one the active scope allows (``channels_last``: the input's layout)."""
     allowed = allowed_strategies()
-    for name in preference(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, experts):
+    order = preference(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, experts)
+    if channels_last and not needs_grad:
+        order = per_sample_on_channels_last(order)
+    for name in order:
         if (allowed is None or name in allowed) and applicable(name, batch, geom, modulated):
             return name
     if allowed is not None:
@@ -154,6 +158,20 @@ def choose(
             if applicable(name, batch, geom, modulated):
                 return name
     raise ValueError(f"no strategy in {allowed!r} can compute a {geom.kernel} conv at batch {batch}")
+
+
+def per_sample_on_channels_last(order: tuple[str, ...]) -> tuple[str, ...]:
+    """On a channels_last input at inference, one conv per sample before the batch fold.
+
+    The fold needs each sample's channels contiguous: on channels_last maps it copies the
+    input and the output of every layer. Per-sample convs read the maps where they are
+    and write channels_last. This is the layout torch.compile gives the opaque op (see
+    :mod:`dynconv.core.opaque`); measured compiled, CondConv / compiled static at batch 16
+    (1 thread): EfficientNet-B0 2.47x -> 1.51x, MobileNetV2 1.85x -> 1.58x, ResNet-18 1.99x -> 1.95x.
+    """
+    if order and order[0] == "grouped":
+        return ("loop", *(name for name in order if name != "loop"))
+    return order
 
 
 # --- how much of a batch one grouped conv folds ---------------------------------------------

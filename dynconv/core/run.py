@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..geometry import ConvGeometry
 from .forms import FORMS
-from .kernels import KernelTerms
+from .kernels import KernelTerms, is_channels_last
 from .rules import choose
 from .scope import note_strategy
 
@@ -22,7 +22,8 @@ def select_strategy(
     batch, c_in, height, width = input.shape
     out_hw = geom.output_size(height, width)
     kernel_bytes = weight[0].numel() * weight.element_size()
-    return choose(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, weight.shape[0], modulated)
+    channels_last = is_channels_last(input)
+    return choose(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, weight.shape[0], modulated, channels_last)
 
 
 def run(
