@@ -267,15 +267,16 @@ def test_selection_follows_measured_preferences(kernel, groups, c_in, batch, gra
 
 
 @pytest.mark.parametrize("groups", [1, 16])
-def test_channels_last_inference_runs_per_sample_instead_of_folding(groups: int) -> None:
-    """The fold would copy channels_last maps in and out; one conv per sample reads them in place."""
+def test_channels_last_inference_runs_depthwise_per_sample_instead_of_folding(groups: int) -> None:
+    """The fold would copy channels_last maps in and out; one depthwise conv per sample reads them in place.
+    Dense kernels keep the fold (per sample they measured slower at 2 threads)."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(8, 16, 28, 28, generator=gen)
     w, r = torch.randn(2, 16, 16 // groups, 3, 3, generator=gen), torch.rand(8, 2, generator=gen)
     geom = ConvGeometry.build((3, 3), 1, 1, 1, groups)
     last = x.contiguous(memory_format=torch.channels_last)
     assert select_strategy(x, w, geom, needs_grad=False) == "grouped"
-    assert select_strategy(last, w, geom, needs_grad=False) == "loop"
+    assert select_strategy(last, w, geom, needs_grad=False) == ("loop" if groups == 16 else "grouped")
     assert select_strategy(last, w, geom, needs_grad=True) == "grouped"  # training keeps its measured order
     out = dynamic_conv2d(last, w, r, None, 1, 1, 1, groups)
     assert out.is_contiguous(memory_format=torch.channels_last)

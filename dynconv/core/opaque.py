@@ -8,13 +8,15 @@ the op itself runs eagerly and picks the fastest strategy for the batch it gets.
 terms (ODConv's attentions, DCD's ``Lambda`` and low-rank offset) go through it too.
 When a call goes through it is :func:`dynconv.core.rules.goes_opaque`'s rule.
 
-The op takes and returns channels_last maps. Inductor keeps a custom op's inputs in the
-layout they were traced with, and as soon as a graph holds one static conv (EfficientNet's
-squeeze-excitation, a stem left static) it lays out the maps around it in channels_last:
-traced contiguous, every dynamic layer then cost a transposing copy of its input
-(EfficientNet-B0 CondConv at batch 16, compiled: 2.47x compiled static). In channels_last
-the copies go (1.51x); 1x1 kernels run as a matmul over pixels and the other kernels one
-conv per sample (:func:`dynconv.core.rules.per_sample_on_channels_last`).
+For 1x1 and depthwise kernels the op takes and returns channels_last maps. Inductor keeps a
+custom op's inputs in the layout they were traced with, and as soon as a graph holds one
+static conv (EfficientNet's squeeze-excitation, a stem left static) it lays out the maps
+around it in channels_last: traced contiguous, every dynamic layer then cost a transposing
+copy of its input (EfficientNet-B0 CondConv at batch 16, compiled: 2.47x compiled static,
+1 thread). In channels_last the copies go (1.51x): 1x1 kernels run as a matmul over pixels,
+depthwise ones one conv per sample (:func:`dynconv.core.rules.per_sample_on_channels_last`).
+Dense k x k kernels stay contiguous: their batch fold would copy channels_last maps, and
+per-sample convs of them measured slower at 2 threads (ResNet-18 CondConv: 2.23x against 2.04x).
 """
 
 from __future__ import annotations
@@ -71,9 +73,12 @@ def _fake(
 def call_opaque(
     input: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms
 ) -> Tensor:
-    """Run the core through the opaque op (see the module docstring), on channels_last maps."""
+    """Run the core through the opaque op (see the module docstring); 1x1 and depthwise kernels on
+    channels_last maps, which their forms read in place."""
+    if geom.pointwise or weight.shape[2] == 1:
+        input = input.contiguous(memory_format=torch.channels_last)
     return dynamic_conv2d_op(
-        input.contiguous(memory_format=torch.channels_last),
+        input,
         weight,
         routing,
         bias,

@@ -148,7 +148,7 @@ def choose(
     """The strategy to run: the first preferred one the active scope allows (``channels_last``: the input's layout)."""
     allowed = allowed_strategies()
     order = preference(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, experts)
-    if channels_last and not needs_grad:
+    if channels_last and not needs_grad and c_in // geom.groups == 1:
         order = per_sample_on_channels_last(order)
     for name in order:
         if (allowed is None or name in allowed) and applicable(name, batch, geom, modulated):
@@ -161,13 +161,15 @@ def choose(
 
 
 def per_sample_on_channels_last(order: tuple[str, ...]) -> tuple[str, ...]:
-    """On a channels_last input at inference, one conv per sample before the batch fold.
+    """On a channels_last input at inference, a depthwise kernel runs one conv per sample before the fold.
 
     The fold needs each sample's channels contiguous: on channels_last maps it copies the
     input and the output of every layer. Per-sample convs read the maps where they are
-    and write channels_last. This is the layout torch.compile gives the opaque op (see
-    :mod:`dynconv.core.opaque`); measured compiled, CondConv / compiled static at batch 16
-    (1 thread): EfficientNet-B0 2.47x -> 1.51x, MobileNetV2 1.85x -> 1.58x, ResNet-18 1.99x -> 1.95x.
+    and write channels_last. This is the layout torch.compile gives the opaque op for such
+    kernels (see :mod:`dynconv.core.opaque`); measured compiled, CondConv / compiled static at
+    batch 16: EfficientNet-B0 2.47x -> 1.51x (1 thread), 1.42x at 2 threads; MobileNetV2
+    1.85x -> 1.58x (1 thread). Dense kernels keep the fold (per sample, ResNet-18 measured
+    slower at 2 threads).
     """
     if order and order[0] == "grouped":
         return ("loop", *(name for name in order if name != "loop"))
