@@ -17,6 +17,9 @@ copy of its input (EfficientNet-B0 CondConv at batch 16, compiled: 2.47x compile
 depthwise ones one conv per sample (:func:`dynconv.core.rules.per_sample_on_channels_last`).
 Dense k x k kernels stay contiguous: their batch fold would copy channels_last maps, and
 per-sample convs of them measured slower at 2 threads (ResNet-18 CondConv: 2.23x against 2.04x).
+So do calls with kernel terms (ODConv): its 1x1 layers take the maps path, traced outside the
+op, so channels_last depthwise calls between them measured slower (MobileNetV2 ODConv 1x at
+batch 16, 2 threads: 2.40x against 1.85x).
 """
 
 from __future__ import annotations
@@ -73,9 +76,9 @@ def _fake(
 def call_opaque(
     input: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms
 ) -> Tensor:
-    """Run the core through the opaque op (see the module docstring); 1x1 and depthwise kernels on
-    channels_last maps, which their forms read in place."""
-    if geom.pointwise or weight.shape[2] == 1:
+    """Run the core through the opaque op (see the module docstring); 1x1 and depthwise kernels without
+    kernel terms on channels_last maps, which their forms read in place."""
+    if not terms and (geom.pointwise or weight.shape[2] == 1):
         input = input.contiguous(memory_format=torch.channels_last)
     return dynamic_conv2d_op(
         input,
