@@ -14,7 +14,7 @@ static conv (EfficientNet's squeeze-excitation, a stem left static) it lays out 
 around it in channels_last: traced contiguous, every dynamic layer then cost a transposing
 copy of its input (EfficientNet-B0 CondConv at batch 16, compiled: 2.47x compiled static,
 1 thread). In channels_last the copies go (1.51x): 1x1 kernels run as a matmul over pixels,
-depthwise ones one conv per sample (:func:`dynconv.core.rules.per_sample_on_channels_last`).
+depthwise ones one conv per sample (:func:`dynconv.core.rules.opaque_on_channels_last`).
 Dense k x k kernels stay contiguous: their batch fold would copy channels_last maps, and
 per-sample convs of them measured slower at 2 threads (ResNet-18 CondConv: 2.23x against 2.04x).
 So do calls with kernel terms (ODConv): its 1x1 layers take the maps path, traced outside the
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..geometry import ConvGeometry
 from .kernels import KernelTerms, with_input_layout
+from .rules import opaque_on_channels_last
 from .run import run
 
 __all__ = ["call_opaque", "dynamic_conv2d_op"]
@@ -76,9 +77,9 @@ def _fake(
 def call_opaque(
     input: Tensor, weight: Tensor, routing: Tensor, bias: Tensor | None, geom: ConvGeometry, terms: KernelTerms
 ) -> Tensor:
-    """Run the core through the opaque op (see the module docstring); 1x1 and depthwise kernels without
-    kernel terms on channels_last maps, which their forms read in place."""
-    if not terms and (geom.pointwise or weight.shape[2] == 1):
+    """Run the core through the opaque op (see the module docstring), on channels_last maps where
+    :func:`~dynconv.core.rules.opaque_on_channels_last` says so."""
+    if opaque_on_channels_last(geom, weight.shape[2], bool(terms)):
         input = input.contiguous(memory_format=torch.channels_last)
     return dynamic_conv2d_op(
         input,

@@ -148,8 +148,8 @@ def choose(
     """The strategy to run: the first preferred one the active scope allows (``channels_last``: the input's layout)."""
     allowed = allowed_strategies()
     order = preference(batch, c_in, out_hw, geom, needs_grad, kernel_bytes, experts)
-    if channels_last and not needs_grad and c_in // geom.groups == 1:
-        order = per_sample_on_channels_last(order)
+    if channels_last and not needs_grad:
+        order = per_sample_on_channels_last(order, c_in // geom.groups)
     for name in order:
         if (allowed is None or name in allowed) and applicable(name, batch, geom, modulated):
             return name
@@ -160,8 +160,9 @@ def choose(
     raise ValueError(f"no strategy in {allowed!r} can compute a {geom.kernel} conv at batch {batch}")
 
 
-def per_sample_on_channels_last(order: tuple[str, ...]) -> tuple[str, ...]:
-    """On a channels_last input at inference, a depthwise kernel runs one conv per sample before the fold.
+def per_sample_on_channels_last(order: tuple[str, ...], per_group_in: int) -> tuple[str, ...]:
+    """``order`` for a channels_last input at inference: a depthwise kernel (``per_group_in == 1``)
+    runs one conv per sample before the fold.
 
     The fold needs each sample's channels contiguous: on channels_last maps it copies the
     input and the output of every layer. Per-sample convs read the maps where they are
@@ -171,7 +172,7 @@ def per_sample_on_channels_last(order: tuple[str, ...]) -> tuple[str, ...]:
     1.85x -> 1.58x (1 thread). Dense kernels keep the fold (per sample, ResNet-18 measured
     slower at 2 threads).
     """
-    if order and order[0] == "grouped":
+    if per_group_in == 1 and order and order[0] == "grouped":
         return ("loop", *(name for name in order if name != "loop"))
     return order
 
@@ -226,6 +227,13 @@ def goes_opaque(batch: int | torch.SymInt, needs_grad: bool, strategy: str | Non
     if strategy is not None or needs_grad or not torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False
     return serves_any_batch(batch)
+
+
+def opaque_on_channels_last(geom: ConvGeometry, per_group_in: int, modulated: bool) -> bool:
+    """Whether the opaque op gets a call's maps channels_last (see :mod:`dynconv.core.opaque`): 1x1 and
+    depthwise kernels without kernel terms, whose forms read such maps in place (a matmul over
+    pixels, :func:`per_sample_on_channels_last`)."""
+    return not modulated and (geom.pointwise or per_group_in == 1)
 
 
 # --- the kinds' own paths ----------------------------------------------------------------
