@@ -354,7 +354,10 @@ def combine(files: list[Path]) -> None:
             ratios[(path, int(batch), model, kind)] = value
         profiles |= {tuple(k.split("|")): v for k, v in runs["profiles"].items()}
         envs.append(runs["env"])
-    text = report(rows, ratios, floors, profiles, "; ".join(envs))
+    settings = list(dict.fromkeys(env.rsplit("; run took ", 1)[0] for env in envs))
+    took = ", ".join(f"{file.stem} {env.rsplit('run took ', 1)[-1]}" for file, env in zip(files, envs, strict=True))
+    env = "; ".join(settings) + f"; {len(files)} runs, one after another: {took}"
+    text = report(rows, ratios, floors, profiles, env)
     (RESULTS / "deploy.md").write_text(text)
     print(text)
 
